@@ -1,0 +1,12 @@
+//! The SSD cache: on-disk layout and index ([`store`]), chunk maps ([`chunks`]) and the live,
+//! partially filled copies that readers and the background worker share ([`file`]).
+
+pub mod chunks;
+pub mod file;
+pub mod store;
+
+pub use chunks::ChunkMap;
+pub use file::{CacheFile, FetchError};
+pub use store::{EntryRecord, Store, StoreError};
+pub mod live;
+pub use live::{Cache, Found};

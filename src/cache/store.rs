@@ -1,0 +1,558 @@
+//! Cache layout, index and lock.
+//!
+//! ```text
+//! <cache dir>/                 given by the user; may hold other files (e.g. the old node's cache)
+//!   arenafs-v1/                everything arenafs owns; the name carries the format version
+//!     FORMAT                   "arenafs cache format 1"; checked at start
+//!     lock                     flock(LOCK_EX) held by the running daemon; holds its pid
+//!     index.redb               one embedded database: NAS path → entry record
+//!     data/<xx>/<id>.dat       sparse copies, named by a 16-hex-digit entry id
+//! ```
+//!
+//! Crash safety (DESIGN.md §2.2): a record never claims a chunk before the chunk's data is durable.
+//! Callers write chunks, `fdatasync` the data file, and only then [`Store::put`] a record whose map
+//! was snapshotted before the sync. Records are committed with redb's immediate durability, so after
+//! `kill -9` the index holds exactly what was durable at the last commit.
+//!
+//! Ownership: arenafs deletes only files inside `arenafs-v1/data/` whose names it generates, and
+//! only when the index does not reference them and their id was allocated by an earlier run.
+
+use std::collections::HashMap;
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use parking_lot::Mutex;
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+
+use super::ChunkMap;
+use crate::source::Identity;
+
+/// Name of the versioned subdirectory of the cache dir.
+pub const SUBDIR: &str = "arenafs-v1";
+const FORMAT_TEXT: &str = "arenafs cache format 1\n";
+const RECORD_VERSION: u8 = 1;
+/// Entry ids are reserved in blocks, so that every id a crashed run may have used for a data file
+/// is below the persisted high-water mark and the next run can recognise its orphans.
+const ID_BLOCK: u64 = 1024;
+
+const ENTRIES: TableDefinition<&[u8], &[u8]> = TableDefinition::new("entries");
+const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+const META_NEXT_ID: &str = "next_id";
+
+/// Errors opening or using the cache store.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The cache directory could not be created or used.
+    #[error("cache directory {path}: {source}")]
+    Dir {
+        /// The directory.
+        path: PathBuf,
+        /// The cause.
+        source: io::Error,
+    },
+    /// Another daemon holds the lock.
+    #[error(
+        "cache directory {path} is in use by another arenafs daemon{pid}; stop it first or use another --cache-dir"
+    )]
+    Locked {
+        /// The cache subdirectory.
+        path: PathBuf,
+        /// " (pid N)" when known.
+        pid: String,
+    },
+    /// The subdirectory holds a format this build does not understand.
+    #[error("cache directory {path} has an unknown format ({found:?}); refusing to use it")]
+    Format {
+        /// The cache subdirectory.
+        path: PathBuf,
+        /// The first line of its FORMAT file.
+        found: String,
+    },
+    /// The index database failed.
+    #[error("cache index: {0}")]
+    Index(String),
+    /// An I/O error on a data file.
+    #[error(transparent)]
+    Io(#[from] io::Error),
+}
+
+fn index_err(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Index(e.to_string())
+}
+
+/// What the index knows about one cached NAS file.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EntryRecord {
+    /// Entry id; names the data file.
+    pub id: u64,
+    /// Identity of the NAS file when the copy began.
+    pub identity: Identity,
+    /// Chunks durably present.
+    pub map: ChunkMap,
+    /// Last use, seconds since the epoch.
+    pub last_access: u64,
+}
+
+impl EntryRecord {
+    fn encode(&self) -> Vec<u8> {
+        let words = self.map.words();
+        let mut out = Vec::with_capacity(1 + 8 * 7 + 4 + words.len() * 8);
+        out.push(RECORD_VERSION);
+        for v in [
+            self.id,
+            self.identity.size,
+            self.identity.mtime_ns as u64,
+            self.identity.ino,
+            self.map.chunk_size(),
+            self.last_access,
+        ] {
+            out.extend_from_slice(&v.to_le_bytes());
+        }
+        out.extend_from_slice(&(words.len() as u32).to_le_bytes());
+        for w in words {
+            out.extend_from_slice(&w.to_le_bytes());
+        }
+        out
+    }
+
+    fn decode(bytes: &[u8]) -> Option<Self> {
+        let (&version, rest) = bytes.split_first()?;
+        if version != RECORD_VERSION || rest.len() < 6 * 8 + 4 {
+            return None;
+        }
+        let u = |i: usize| u64::from_le_bytes(rest[i * 8..i * 8 + 8].try_into().unwrap());
+        let (id, size, mtime_ns, ino, chunk_size, last_access) = (u(0), u(1), u(2), u(3), u(4), u(5));
+        let nwords = u32::from_le_bytes(rest[48..52].try_into().unwrap()) as usize;
+        let body = &rest[52..];
+        if body.len() != nwords.checked_mul(8)? {
+            return None;
+        }
+        let words = body
+            .chunks_exact(8)
+            .map(|c| u64::from_le_bytes(c.try_into().unwrap()))
+            .collect();
+        Some(Self {
+            id,
+            identity: Identity {
+                size,
+                mtime_ns: mtime_ns as i64,
+                ino,
+            },
+            map: ChunkMap::from_words(size, chunk_size, words)?,
+            last_access,
+        })
+    }
+
+    /// Whether the copy is complete.
+    pub fn is_complete(&self) -> bool {
+        self.map.is_complete()
+    }
+}
+
+/// The cache store: layout, lock and index. Cheap operations; data I/O happens in [`super::CacheFile`].
+#[derive(Debug)]
+pub struct Store {
+    dir: PathBuf,
+    db: Database,
+    entries: Mutex<HashMap<PathBuf, EntryRecord>>,
+    next_id: AtomicU64,
+    reserved_until: Mutex<u64>,
+    first_id_of_run: u64,
+    _lock: File,
+}
+
+impl Store {
+    /// Opens (creating if needed) the cache under `cache_dir`, takes the lock and loads the index.
+    pub fn open(cache_dir: &Path) -> Result<Self, StoreError> {
+        let dir = cache_dir.join(SUBDIR);
+        let dir_err = |source| StoreError::Dir {
+            path: dir.clone(),
+            source,
+        };
+        fs::create_dir_all(dir.join("data")).map_err(dir_err)?;
+        let lock = take_lock(&dir)?;
+        check_format(&dir)?;
+
+        let db = Database::create(dir.join("index.redb")).map_err(index_err)?;
+        let mut entries = HashMap::new();
+        let mut next_id = 1;
+        {
+            let txn = db.begin_write().map_err(index_err)?;
+            txn.open_table(ENTRIES).map_err(index_err)?;
+            txn.open_table(META).map_err(index_err)?;
+            txn.commit().map_err(index_err)?;
+        }
+        let mut bad = Vec::new();
+        {
+            let txn = db.begin_read().map_err(index_err)?;
+            let table = txn.open_table(ENTRIES).map_err(index_err)?;
+            for item in table.iter().map_err(index_err)? {
+                let (k, v) = item.map_err(index_err)?;
+                let key = PathBuf::from(std::ffi::OsStr::from_bytes(k.value()));
+                match EntryRecord::decode(v.value()) {
+                    Some(rec) => {
+                        next_id = next_id.max(rec.id + 1);
+                        entries.insert(key, rec);
+                    }
+                    None => bad.push(k.value().to_vec()),
+                }
+            }
+            let meta = txn.open_table(META).map_err(index_err)?;
+            if let Some(v) = meta.get(META_NEXT_ID).map_err(index_err)? {
+                next_id = next_id.max(v.value());
+            }
+        }
+        if !bad.is_empty() {
+            tracing::warn!(count = bad.len(), "discarding unreadable cache index records");
+            let txn = db.begin_write().map_err(index_err)?;
+            {
+                let mut table = txn.open_table(ENTRIES).map_err(index_err)?;
+                for k in &bad {
+                    table.remove(k.as_slice()).map_err(index_err)?;
+                }
+            }
+            txn.commit().map_err(index_err)?;
+        }
+        Ok(Self {
+            dir,
+            db,
+            entries: Mutex::new(entries),
+            next_id: AtomicU64::new(next_id),
+            reserved_until: Mutex::new(next_id),
+            first_id_of_run: next_id,
+            _lock: lock,
+        })
+    }
+
+    /// The versioned cache directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Number of entries in the index.
+    pub fn len(&self) -> usize {
+        self.entries.lock().len()
+    }
+
+    /// Whether the index is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Bytes held by present chunks, over all entries.
+    pub fn used_bytes(&self) -> u64 {
+        self.entries
+            .lock()
+            .values()
+            .map(|e| e.map.present_bytes())
+            .sum()
+    }
+
+    /// The record for a NAS path, if any.
+    pub fn get(&self, rel: &Path) -> Option<EntryRecord> {
+        self.entries.lock().get(rel).cloned()
+    }
+
+    /// Path of the data file of entry `id`.
+    pub fn data_path(&self, id: u64) -> PathBuf {
+        self.dir
+            .join("data")
+            .join(format!("{:02x}", id & 0xff))
+            .join(format!("{id:016x}.dat"))
+    }
+
+    /// Creates an empty sparse data file of `size` bytes under a fresh id. The entry is not in
+    /// the index until the first [`Store::put`].
+    pub fn create_data_file(&self, size: u64) -> Result<(u64, File), StoreError> {
+        let id = self.allocate_id()?;
+        let path = self.data_path(id);
+        fs::create_dir_all(path.parent().expect("data path has a parent"))?;
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&path)?;
+        file.set_len(size)?;
+        Ok((id, file))
+    }
+
+    /// Records (durably) an entry for `rel`. The caller guarantees that every chunk the map claims
+    /// is durable in the data file.
+    pub fn put(&self, rel: &Path, rec: &EntryRecord) -> Result<(), StoreError> {
+        let txn = self.db.begin_write().map_err(index_err)?;
+        {
+            let mut table = txn.open_table(ENTRIES).map_err(index_err)?;
+            table
+                .insert(rel.as_os_str().as_bytes(), rec.encode().as_slice())
+                .map_err(index_err)?;
+        }
+        txn.commit().map_err(index_err)?;
+        self.entries.lock().insert(rel.to_path_buf(), rec.clone());
+        Ok(())
+    }
+
+    /// Removes the entry for `rel` if it still has id `id`: first from the index (durably), then
+    /// its data file. Returns whether something was removed.
+    pub fn remove(&self, rel: &Path, id: u64) -> Result<bool, StoreError> {
+        {
+            let entries = self.entries.lock();
+            match entries.get(rel) {
+                Some(e) if e.id == id => {}
+                _ => {
+                    drop(entries);
+                    // Not indexed (never persisted): only the data file may exist.
+                    remove_if_exists(&self.data_path(id))?;
+                    return Ok(false);
+                }
+            }
+        }
+        let txn = self.db.begin_write().map_err(index_err)?;
+        {
+            let mut table = txn.open_table(ENTRIES).map_err(index_err)?;
+            table
+                .remove(rel.as_os_str().as_bytes())
+                .map_err(index_err)?;
+        }
+        txn.commit().map_err(index_err)?;
+        self.entries.lock().remove(rel);
+        remove_if_exists(&self.data_path(id))?;
+        Ok(true)
+    }
+
+    /// Deletes data files left by earlier runs that the index does not reference (a crash between
+    /// creating a data file and recording it). Returns how many were removed.
+    pub fn remove_orphans(&self) -> io::Result<usize> {
+        let live: std::collections::HashSet<u64> =
+            self.entries.lock().values().map(|e| e.id).collect();
+        let mut removed = 0;
+        for sub in fs::read_dir(self.dir.join("data"))? {
+            let sub = sub?;
+            if !sub.file_type()?.is_dir() {
+                continue;
+            }
+            for f in fs::read_dir(sub.path())? {
+                let f = f?;
+                let Some(id) = parse_data_name(f.file_name().as_bytes()) else {
+                    continue; // not a name we generate: not ours to delete
+                };
+                if id < self.first_id_of_run && !live.contains(&id) {
+                    remove_if_exists(&f.path())?;
+                    removed += 1;
+                }
+            }
+        }
+        Ok(removed)
+    }
+
+    fn allocate_id(&self) -> Result<u64, StoreError> {
+        let id = self.next_id.fetch_add(1, Ordering::SeqCst);
+        let mut reserved = self.reserved_until.lock();
+        if id >= *reserved {
+            let until = id + ID_BLOCK;
+            let txn = self.db.begin_write().map_err(index_err)?;
+            {
+                let mut meta = txn.open_table(META).map_err(index_err)?;
+                meta.insert(META_NEXT_ID, until).map_err(index_err)?;
+            }
+            txn.commit().map_err(index_err)?;
+            *reserved = until;
+        }
+        Ok(id)
+    }
+}
+
+fn parse_data_name(name: &[u8]) -> Option<u64> {
+    let hex = name.strip_suffix(b".dat")?;
+    if hex.len() != 16 || !hex.iter().all(|c| matches!(c, b'0'..=b'9' | b'a'..=b'f')) {
+        return None;
+    }
+    u64::from_str_radix(std::str::from_utf8(hex).ok()?, 16).ok()
+}
+
+fn remove_if_exists(path: &Path) -> io::Result<()> {
+    match fs::remove_file(path) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
+    }
+}
+
+fn take_lock(dir: &Path) -> Result<File, StoreError> {
+    let path = dir.join("lock");
+    let mut file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o644)
+        .open(&path)
+        .map_err(|source| StoreError::Dir {
+            path: dir.to_path_buf(),
+            source,
+        })?;
+    // SAFETY: flock on a valid, owned descriptor.
+    if unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&file), libc::LOCK_EX | libc::LOCK_NB) }
+        != 0
+    {
+        let err = io::Error::last_os_error();
+        if err.raw_os_error() == Some(libc::EWOULDBLOCK) {
+            let pid = fs::read_to_string(&path)
+                .ok()
+                .map(|s| s.trim().to_string())
+                .filter(|s| !s.is_empty())
+                .map(|p| format!(" (pid {p})"))
+                .unwrap_or_default();
+            return Err(StoreError::Locked {
+                path: dir.to_path_buf(),
+                pid,
+            });
+        }
+        return Err(StoreError::Dir {
+            path: dir.to_path_buf(),
+            source: err,
+        });
+    }
+    file.set_len(0)?;
+    writeln!(file, "{}", std::process::id())?;
+    Ok(file)
+}
+
+fn check_format(dir: &Path) -> Result<(), StoreError> {
+    let path = dir.join("FORMAT");
+    match fs::read_to_string(&path) {
+        Ok(found) if found == FORMAT_TEXT => Ok(()),
+        Ok(found) => Err(StoreError::Format {
+            path: dir.to_path_buf(),
+            found: found.lines().next().unwrap_or("").to_string(),
+        }),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            let tmp = dir.join("FORMAT.tmp");
+            fs::write(&tmp, FORMAT_TEXT)?;
+            File::open(&tmp)?.sync_all()?;
+            fs::rename(&tmp, &path)?;
+            Ok(())
+        }
+        Err(source) => Err(StoreError::Dir {
+            path: dir.to_path_buf(),
+            source,
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rec(id: u64, size: u64) -> EntryRecord {
+        let mut map = ChunkMap::new(size, 4);
+        map.set_present(0);
+        EntryRecord {
+            id,
+            identity: Identity {
+                size,
+                mtime_ns: -5,
+                ino: 77,
+            },
+            map,
+            last_access: 123,
+        }
+    }
+
+    #[test]
+    fn record_roundtrip_and_golden_bytes() {
+        let r = rec(9, 10);
+        let bytes = r.encode();
+        assert_eq!(EntryRecord::decode(&bytes), Some(r));
+        // Golden prefix: changing the encoding needs a new RECORD_VERSION and SUBDIR.
+        assert_eq!(&bytes[..9], &[1, 9, 0, 0, 0, 0, 0, 0, 0]);
+        assert_eq!(bytes.len(), 1 + 48 + 4 + 8);
+        for cut in 0..bytes.len() {
+            assert!(EntryRecord::decode(&bytes[..cut]).is_none(), "cut {cut}");
+        }
+        let mut wrong = bytes.clone();
+        wrong[0] = 2;
+        assert!(EntryRecord::decode(&wrong).is_none());
+    }
+
+    #[test]
+    fn persist_reopen_remove() {
+        let dir = tempfile::tempdir().unwrap();
+        let (id, _f) = {
+            let store = Store::open(dir.path()).unwrap();
+            let (id, f) = store.create_data_file(10).unwrap();
+            let mut r = rec(id, 10);
+            r.id = id;
+            store.put(Path::new("loras/a.safetensors"), &r).unwrap();
+            (id, f)
+        };
+        let store = Store::open(dir.path()).unwrap();
+        let got = store.get(Path::new("loras/a.safetensors")).unwrap();
+        assert_eq!(got.id, id);
+        assert_eq!(got.map.present_count(), 1);
+        assert!(store.data_path(id).exists());
+        assert!(store.remove(Path::new("loras/a.safetensors"), id).unwrap());
+        assert!(!store.data_path(id).exists());
+        assert!(store.get(Path::new("loras/a.safetensors")).is_none());
+    }
+
+    #[test]
+    fn second_open_is_refused_while_locked() {
+        let dir = tempfile::tempdir().unwrap();
+        let _first = Store::open(dir.path()).unwrap();
+        let err = Store::open(dir.path()).unwrap_err();
+        assert!(matches!(err, StoreError::Locked { .. }), "{err}");
+        assert!(err.to_string().contains("in use by another arenafs daemon"));
+        assert!(err.to_string().contains(&format!("pid {}", std::process::id())));
+    }
+
+    #[test]
+    fn unknown_format_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::create_dir_all(dir.path().join(SUBDIR)).unwrap();
+        fs::write(dir.path().join(SUBDIR).join("FORMAT"), "something else\n").unwrap();
+        assert!(matches!(
+            Store::open(dir.path()).unwrap_err(),
+            StoreError::Format { .. }
+        ));
+    }
+
+    #[test]
+    fn orphans_are_removed_but_foreign_files_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let orphan = {
+            let store = Store::open(dir.path()).unwrap();
+            let (id, _) = store.create_data_file(5).unwrap();
+            store.data_path(id)
+        };
+        let foreign = dir.path().join(SUBDIR).join("data/00/notes.txt");
+        fs::create_dir_all(foreign.parent().unwrap()).unwrap();
+        fs::write(&foreign, "mine").unwrap();
+        let outside = dir.path().join("old-node-cache.safetensors");
+        fs::write(&outside, "x").unwrap();
+
+        let store = Store::open(dir.path()).unwrap();
+        // A file created in this run is never an orphan.
+        let (fresh, _) = store.create_data_file(5).unwrap();
+        assert_eq!(store.remove_orphans().unwrap(), 1);
+        assert!(!orphan.exists());
+        assert!(foreign.exists());
+        assert!(outside.exists());
+        assert!(store.data_path(fresh).exists());
+    }
+
+    #[test]
+    fn uncreatable_cache_dir_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("plainfile");
+        fs::write(&file, "x").unwrap();
+        assert!(matches!(
+            Store::open(&file.join("sub")).unwrap_err(),
+            StoreError::Dir { .. }
+        ));
+    }
+}

@@ -1,0 +1,178 @@
+//! Runs one mount: open the NAS and the cache, mount, serve until unmounted, shut down cleanly.
+
+use std::io::Write;
+use std::os::fd::{FromRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+
+use anyhow::{Context, Result, bail};
+use nix::sys::signal::{SigSet, Signal};
+
+use crate::cache::{Cache, Store};
+use crate::control;
+use crate::fs::{ArenaFs, FsOptions};
+use crate::mount::{self, MountOptions};
+use crate::options::MountConfig;
+use crate::source::{IdentityRule, Nas};
+use crate::stats::Stats;
+use crate::worker::Worker;
+
+/// Chunk size of new cache copies: large enough that NAS requests are efficient, small enough
+/// that a header read caches little (DESIGN.md §3: "a few MiB").
+pub const CHUNK_SIZE: u64 = 4 << 20;
+
+/// Environment variable naming the pipe on which a background daemon reports readiness.
+pub const READY_FD_ENV: &str = "ARENAFS_READY_FD";
+
+/// Mounts `nas` at `mountpoint` and serves it until it is unmounted or a signal arrives.
+pub fn run(nas_dir: &Path, mountpoint: &Path, cfg: &MountConfig) -> Result<()> {
+    let nas = Nas::open(nas_dir).with_context(|| format!("NAS directory {}", nas_dir.display()))?;
+    if !nas.stat(Path::new(""))
+        .map(|st| st.st_mode & libc::S_IFMT == libc::S_IFDIR)
+        .unwrap_or(false)
+    {
+        bail!("NAS directory {}: not a directory", nas_dir.display());
+    }
+    let nas = Arc::new(nas);
+    let mountpoint = mount::absolute(mountpoint)?;
+    mount::prepare_mountpoint(&mountpoint)?;
+    let Some(cache_dir) = cfg.cache_dir.clone() else {
+        bail!("no cache directory: give --cache-dir DIR (or -o cache_dir=DIR)");
+    };
+    let store = Store::open(&cache_dir)?;
+    tracing::info!(entries = store.len(), dir = %store.dir().display(), "cache index loaded");
+
+    // Signals are taken by a dedicated thread; block them before any thread is spawned.
+    let mut signals = SigSet::empty();
+    for s in [Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP] {
+        signals.add(s);
+    }
+    signals.thread_block()?;
+
+    let stats = Arc::new(Stats::default());
+    let cache = Cache::new(store, IdentityRule::SizeMtimeIno, CHUNK_SIZE);
+    let worker = Worker::start(cfg.max_concurrency, nas.clone(), cache.clone(), stats.clone());
+    let passthrough = Arc::new(AtomicBool::new(false));
+    let fs = ArenaFs::new(
+        nas.clone(),
+        cache.clone(),
+        worker.clone(),
+        cfg.policy(),
+        stats.clone(),
+        FsOptions {
+            attr_ttl: cfg.attr_ttl,
+            passthrough: cfg.passthrough,
+        },
+        passthrough.clone(),
+    )?;
+
+    let dev = mount::mount(
+        nas_dir,
+        &mountpoint,
+        &MountOptions {
+            allow_other: cfg.allow_other,
+            default_permissions: cfg.default_permissions,
+            read_only: cfg.read_only,
+            flags: cfg.flags,
+        },
+    )?;
+    let acl = if cfg.allow_other {
+        fuser::SessionACL::All
+    } else {
+        fuser::SessionACL::Owner
+    };
+    let mut fuse_cfg = fuser::Config::default();
+    fuse_cfg.n_threads = Some(cfg.threads);
+    fuse_cfg.clone_fd = true;
+    let session = match fuser::Session::from_fd(fs, dev, acl, fuse_cfg) {
+        Ok(s) => s,
+        Err(e) => {
+            let _ = nix::mount::umount2(&mountpoint, nix::mount::MntFlags::MNT_DETACH);
+            return Err(e).context("FUSE handshake failed");
+        }
+    };
+
+    let socket = cfg
+        .socket
+        .clone()
+        .unwrap_or_else(|| control::default_socket(&mountpoint));
+    let server = control::Server::start(
+        &socket,
+        control::Shared {
+            mountpoint: mountpoint.clone(),
+            nas: nas_dir.to_path_buf(),
+            cache_dir: cache_dir.clone(),
+            cache: cache.clone(),
+            stats: stats.clone(),
+            passthrough: passthrough.clone(),
+        },
+    );
+    let server = match server {
+        Ok(s) => Some(s),
+        Err(e) => {
+            tracing::warn!(socket = %socket.display(), error = %e, "control socket unavailable");
+            None
+        }
+    };
+
+    tracing::info!(
+        nas = %nas_dir.display(),
+        mountpoint = %mountpoint.display(),
+        cache = %cache_dir.display(),
+        socket = %socket.display(),
+        "mounted"
+    );
+    report_ready();
+
+    {
+        let cache = cache.clone();
+        std::thread::Builder::new()
+            .name("arenafs-orphans".into())
+            .spawn(move || match cache.store().remove_orphans() {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(count = n, "removed cache files left by an interrupted run"),
+                Err(e) => tracing::warn!(error = %e, "could not scan the cache for leftovers"),
+            })?;
+    }
+    spawn_signal_thread(signals, mountpoint.clone())?;
+
+    let result = session.run();
+    tracing::info!("unmounted; finishing");
+    worker.stop();
+    cache.shutdown();
+    drop(server);
+    result.context("FUSE session")?;
+    Ok(())
+}
+
+fn spawn_signal_thread(signals: SigSet, mountpoint: PathBuf) -> Result<()> {
+    std::thread::Builder::new()
+        .name("arenafs-signals".into())
+        .spawn(move || {
+            while let Ok(sig) = signals.wait() {
+                tracing::info!(signal = ?sig, "unmounting");
+                if let Err(e) = mount::unmount(&mountpoint) {
+                    tracing::error!(error = %e, "unmount failed");
+                }
+            }
+        })?;
+    Ok(())
+}
+
+fn report_ready() {
+    let Some(fd) = std::env::var(READY_FD_ENV)
+        .ok()
+        .and_then(|v| v.parse::<i32>().ok())
+    else {
+        return;
+    };
+    // SAFETY: the parent passed us this descriptor for exactly this purpose; nothing else in the
+    // process owns it.
+    let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+    let mut f = std::fs::File::from(owned);
+    let _ = f.write_all(b"ready\n");
+    // SAFETY: removing a variable while no other thread reads the environment (the other threads
+    // of this process never do).
+    unsafe { std::env::remove_var(READY_FD_ENV) };
+}

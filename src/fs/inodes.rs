@@ -1,0 +1,170 @@
+//! Inode numbers and the table from inode to NAS path.
+//!
+//! Inode numbers come from the NAS (`st_ino`) when the file lives on the same device as the NAS
+//! root, so hard links share an inode, `find` and `ls -i` agree with `stat`, and a file replaced on
+//! the NAS (new `st_ino`) is a new inode to the kernel, with a fresh page cache. Files on other
+//! devices under the root (nested mounts) get a hash of (device, inode) with the top bit set, which
+//! cannot collide with the root device's numbers in practice. Inode 1 is the FUSE root.
+
+use std::collections::HashMap;
+use std::hash::{Hash, Hasher};
+use std::path::{Path, PathBuf};
+
+use crate::source::Identity;
+
+/// FUSE's root inode number.
+pub const ROOT_INO: u64 = 1;
+
+/// Maps a NAS (device, inode) to the inode number shown through the mount.
+pub fn ino_for(root_dev: u64, root_ino: u64, dev: u64, ino: u64) -> u64 {
+    if dev == root_dev {
+        if ino == root_ino {
+            return ROOT_INO;
+        }
+        if ino != ROOT_INO && ino < (1 << 63) {
+            return ino;
+        }
+    }
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    (dev, ino).hash(&mut h);
+    h.finish() | (1 << 63)
+}
+
+/// How the open handles of one inode read (the kernel requires one mode per inode for
+/// passthrough: all passthrough with one backing file, or none).
+#[derive(Debug, Default)]
+pub enum IoMode {
+    /// No handle that counts is open.
+    #[default]
+    Idle,
+    /// Handles read the SSD copy through kernel passthrough; the backing id is shared.
+    Passthrough(std::sync::Weak<fuser::BackingId>),
+    /// Handles read through the daemon (page-cache I/O).
+    Cached,
+}
+
+/// One known inode.
+#[derive(Debug)]
+pub struct Node {
+    /// NAS-relative path (the last one it was looked up under).
+    pub rel: PathBuf,
+    /// Kernel lookup count.
+    pub nlookup: u64,
+    /// Open handles that count towards `mode`.
+    pub open: u32,
+    /// How those handles read.
+    pub mode: IoMode,
+    /// Identity of the file at the last open: when it is unchanged, the kernel may keep its page
+    /// cache for the inode (`FOPEN_KEEP_CACHE`).
+    pub last_identity: Option<Identity>,
+}
+
+impl Node {
+    fn new(rel: PathBuf) -> Self {
+        Self {
+            rel,
+            nlookup: 0,
+            open: 0,
+            mode: IoMode::Idle,
+            last_identity: None,
+        }
+    }
+}
+
+/// The inode table.
+#[derive(Debug)]
+pub struct Inodes {
+    nodes: HashMap<u64, Node>,
+}
+
+impl Default for Inodes {
+    fn default() -> Self {
+        let mut nodes = HashMap::new();
+        nodes.insert(ROOT_INO, Node::new(PathBuf::new()));
+        Self { nodes }
+    }
+}
+
+impl Inodes {
+    /// Records a lookup of `rel` as `ino` (counting it).
+    pub fn remember(&mut self, ino: u64, rel: &Path) {
+        let node = self
+            .nodes
+            .entry(ino)
+            .or_insert_with(|| Node::new(rel.to_path_buf()));
+        if node.rel != rel && ino != ROOT_INO {
+            node.rel = rel.to_path_buf();
+        }
+        node.nlookup += 1;
+    }
+
+    /// Drops `n` lookups; forgets the inode when none are left and no handle is open.
+    pub fn forget(&mut self, ino: u64, n: u64) {
+        if ino == ROOT_INO {
+            return;
+        }
+        if let Some(node) = self.nodes.get_mut(&ino) {
+            node.nlookup = node.nlookup.saturating_sub(n);
+            if node.nlookup == 0 && node.open == 0 {
+                self.nodes.remove(&ino);
+            }
+        }
+    }
+
+    /// The NAS path of an inode.
+    pub fn path(&self, ino: u64) -> Option<PathBuf> {
+        self.nodes.get(&ino).map(|n| n.rel.clone())
+    }
+
+    /// The node of an inode.
+    pub fn get_mut(&mut self, ino: u64) -> Option<&mut Node> {
+        self.nodes.get_mut(&ino)
+    }
+
+    /// Number of known inodes (the root included).
+    pub fn len(&self) -> usize {
+        self.nodes.len()
+    }
+
+    /// Whether only the root is known.
+    pub fn is_empty(&self) -> bool {
+        self.nodes.len() <= 1
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn inode_numbers() {
+        assert_eq!(ino_for(5, 2, 5, 2), ROOT_INO);
+        assert_eq!(ino_for(5, 2, 5, 1234), 1234);
+        let other = ino_for(5, 2, 6, 1234);
+        assert!(other >= 1 << 63);
+        assert_eq!(other, ino_for(5, 2, 6, 1234));
+        assert_ne!(other, ino_for(5, 2, 7, 1234));
+        // A NAS inode numbered 1 must not alias the FUSE root.
+        assert_ne!(ino_for(5, 2, 5, 1), ROOT_INO);
+    }
+
+    #[test]
+    fn lookup_and_forget() {
+        let mut t = Inodes::default();
+        t.remember(10, Path::new("a/b"));
+        t.remember(10, Path::new("a/b"));
+        assert_eq!(t.path(10).unwrap(), Path::new("a/b"));
+        t.forget(10, 1);
+        assert!(t.path(10).is_some());
+        t.get_mut(10).unwrap().open = 1;
+        t.forget(10, 1);
+        assert!(t.path(10).is_some(), "open inodes stay");
+        t.get_mut(10).unwrap().open = 0;
+        t.remember(10, Path::new("a/c"));
+        assert_eq!(t.path(10).unwrap(), Path::new("a/c"));
+        t.forget(10, 1);
+        assert!(t.path(10).is_none());
+        t.forget(ROOT_INO, 100);
+        assert_eq!(t.path(ROOT_INO).unwrap(), Path::new(""));
+    }
+}

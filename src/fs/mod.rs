@@ -1,0 +1,699 @@
+//! The FUSE adapter: maps kernel requests onto the NAS, the cache and the worker.
+//!
+//! Reads take one of four paths, chosen at `open` (DESIGN.md §3):
+//! - **passthrough**: the copy is complete and matches the NAS; the kernel reads the SSD file
+//!   directly and the daemon never sees the reads;
+//! - **ssd**: the same, served by the daemon, when passthrough is unavailable or the inode already
+//!   has handles open in page-cache mode (the kernel allows one mode per inode);
+//! - **fill**: an allowed file without a complete copy: reads go through [`CacheFile::read`], and
+//!   the first read queues the worker to complete the copy;
+//! - **nas**: everything else is read from the NAS.
+//!
+//! Until write support lands, every modifying operation fails with `EROFS`.
+
+pub mod inodes;
+
+use std::collections::HashMap;
+use std::ffi::OsStr;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use fuser::{
+    AccessFlags, BackingId, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags,
+    Generation, INodeNo, InitFlags, KernelConfig, LockOwner, OpenAccMode, OpenFlags, ReplyAttr,
+    ReplyCreate, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs,
+    ReplyWrite, Request, TimeOrNow, WriteFlags,
+};
+use nix::sys::stat::FileStat;
+use parking_lot::Mutex;
+
+use crate::cache::{Cache, CacheFile, FetchError, Found};
+use crate::policy::{Decision, Policy};
+use crate::source::{DirEntryKind, Nas, pread_full};
+use crate::stats::Stats;
+use crate::worker::Worker;
+use inodes::{IoMode, Inodes, ROOT_INO, ino_for};
+
+/// Largest read the kernel sends when asked for big requests (`max_pages` = 256 pages).
+const MAX_READAHEAD: u32 = 1 << 20;
+
+/// Settings of the filesystem layer.
+#[derive(Clone, Debug)]
+pub struct FsOptions {
+    /// How long the kernel may cache attributes and entries (also negative ones).
+    pub attr_ttl: Duration,
+    /// Whether to use kernel passthrough for complete copies when the kernel offers it.
+    pub passthrough: bool,
+}
+
+enum HandleKind {
+    Passthrough(#[allow(dead_code)] Arc<BackingId>),
+    Ssd(File),
+    Fill { cf: Arc<CacheFile>, nas: File },
+    Nas(File),
+}
+
+struct Handle {
+    ino: u64,
+    kind: HandleKind,
+}
+
+/// The arenafs filesystem.
+pub struct ArenaFs {
+    nas: Arc<Nas>,
+    cache: Arc<Cache>,
+    worker: Arc<Worker>,
+    policy: Policy,
+    stats: Arc<Stats>,
+    opts: FsOptions,
+    root_dev: u64,
+    root_ino: u64,
+    inodes: Mutex<Inodes>,
+    handles: Mutex<HashMap<u64, Arc<Handle>>>,
+    dirs: Mutex<HashMap<u64, Arc<Vec<(std::ffi::OsString, FileType, u64)>>>>,
+    next_fh: AtomicU64,
+    passthrough_ok: Arc<AtomicBool>,
+}
+
+impl ArenaFs {
+    /// Builds the filesystem over an opened NAS and cache.
+    pub fn new(
+        nas: Arc<Nas>,
+        cache: Arc<Cache>,
+        worker: Arc<Worker>,
+        policy: Policy,
+        stats: Arc<Stats>,
+        opts: FsOptions,
+        passthrough_ok: Arc<AtomicBool>,
+    ) -> std::io::Result<Self> {
+        let root = nas.stat(Path::new(""))?;
+        Ok(Self {
+            nas,
+            cache,
+            worker,
+            policy,
+            stats,
+            opts,
+            root_dev: root.st_dev,
+            root_ino: root.st_ino,
+            inodes: Mutex::new(Inodes::default()),
+            handles: Mutex::new(HashMap::new()),
+            dirs: Mutex::new(HashMap::new()),
+            next_fh: AtomicU64::new(1),
+            passthrough_ok,
+        })
+    }
+
+    fn path(&self, ino: INodeNo) -> Result<PathBuf, Errno> {
+        self.inodes.lock().path(ino.0).ok_or(Errno::ESTALE)
+    }
+
+    fn attr(&self, st: &FileStat) -> FileAttr {
+        FileAttr {
+            ino: INodeNo(ino_for(self.root_dev, self.root_ino, st.st_dev, st.st_ino)),
+            size: st.st_size as u64,
+            blocks: st.st_blocks as u64,
+            atime: systime(st.st_atime, st.st_atime_nsec),
+            mtime: systime(st.st_mtime, st.st_mtime_nsec),
+            ctime: systime(st.st_ctime, st.st_ctime_nsec),
+            crtime: UNIX_EPOCH,
+            kind: file_type(DirEntryKind::from_mode(st.st_mode)),
+            perm: (st.st_mode & 0o7777) as u16,
+            nlink: st.st_nlink as u32,
+            uid: st.st_uid,
+            gid: st.st_gid,
+            rdev: st.st_rdev as u32,
+            blksize: st.st_blksize as u32,
+            flags: 0,
+        }
+    }
+
+    fn new_fh(&self) -> u64 {
+        self.next_fh.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Decides how to open a regular file and replies.
+    fn open_file(&self, ino: u64, rel: &Path, reply: ReplyOpen) -> Result<(), Errno> {
+        let nas = self.nas.open_file(rel)?;
+        let st = nix::sys::stat::fstat(&nas).map_err(|e| Errno::from_i32(e as i32))?;
+        let identity = self.cache.rule().identity(&st);
+
+        let found = match self.policy.decide(rel, identity.size) {
+            Decision::Cache => self.cache.find(rel, identity, true).unwrap_or_else(|e| {
+                tracing::warn!(path = %rel.display(), error = %e, "cache unavailable; reading from the NAS");
+                Found::None
+            }),
+            _ => Found::None,
+        };
+
+        let mut inodes = self.inodes.lock();
+        let node = inodes.get_mut(ino).ok_or(Errno::ESTALE)?;
+        let keep_cache = node.last_identity == Some(identity);
+        node.last_identity = Some(identity);
+        let flags = if keep_cache {
+            FopenFlags::FOPEN_KEEP_CACHE
+        } else {
+            FopenFlags::empty()
+        };
+        let fh = self.new_fh();
+
+        // The kernel allows one I/O mode per inode: once a handle reads through passthrough, every
+        // open of the inode must use passthrough with the same backing file.
+        if let (IoMode::Passthrough(w), true) = (&node.mode, node.open > 0) {
+            let backing = w.upgrade().filter(|_| matches!(found, Found::Complete(_)));
+            let Some(backing) = backing else {
+                drop(inodes);
+                tracing::warn!(
+                    path = %rel.display(),
+                    "NAS file changed while its old cache copy is still open; refusing the open until it is closed"
+                );
+                reply.error(Errno::ETXTBSY);
+                return Ok(());
+            };
+            node.open += 1;
+            drop(inodes);
+            Stats::add(&self.stats.opens_passthrough, 1);
+            // FOPEN_KEEP_CACHE is not allowed with passthrough.
+            reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), &backing);
+            self.insert_handle(fh, ino, HandleKind::Passthrough(backing));
+            return Ok(());
+        }
+
+        // A complete copy with no handle open in page-cache mode: start passthrough.
+        if let Found::Complete(path) = &found {
+            if node.open == 0 && self.passthrough_ok.load(Ordering::Relaxed) {
+                let backing = File::open(path)
+                    .and_then(|f| reply.open_backing(&f))
+                    .map(Arc::new)
+                    .map_err(|e| {
+                        tracing::warn!(error = %e, "passthrough unavailable; serving copies from user space");
+                        self.passthrough_ok.store(false, Ordering::Relaxed);
+                    });
+                if let Ok(backing) = backing {
+                    node.mode = IoMode::Passthrough(Arc::downgrade(&backing));
+                    node.open += 1;
+                    drop(inodes);
+                    Stats::add(&self.stats.opens_passthrough, 1);
+                    reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), &backing);
+                    self.insert_handle(fh, ino, HandleKind::Passthrough(backing));
+                    return Ok(());
+                }
+            }
+        }
+
+        // Every other handle reads through the daemon with the page cache.
+        let kind = match found {
+            Found::Complete(path) => match File::open(&path) {
+                Ok(f) => {
+                    Stats::add(&self.stats.opens_ssd, 1);
+                    HandleKind::Ssd(f)
+                }
+                Err(e) => {
+                    tracing::warn!(path = %rel.display(), error = %e, "cache copy unreadable; dropping it");
+                    let _ = self.cache.discard(rel);
+                    Stats::add(&self.stats.opens_nas, 1);
+                    HandleKind::Nas(nas)
+                }
+            },
+            Found::Partial(cf) => {
+                Stats::add(&self.stats.opens_filling, 1);
+                HandleKind::Fill { cf, nas }
+            }
+            Found::None => {
+                Stats::add(&self.stats.opens_nas, 1);
+                HandleKind::Nas(nas)
+            }
+        };
+        node.mode = IoMode::Cached;
+        node.open += 1;
+        drop(inodes);
+        reply.opened(FileHandle(fh), flags);
+        self.insert_handle(fh, ino, kind);
+        Ok(())
+    }
+
+    fn insert_handle(&self, fh: u64, ino: u64, kind: HandleKind) {
+        self.handles.lock().insert(fh, Arc::new(Handle { ino, kind }));
+    }
+
+    fn read_handle(&self, h: &Handle, offset: u64, size: u32) -> Result<Vec<u8>, Errno> {
+        match &h.kind {
+            HandleKind::Passthrough(_) => Err(Errno::EIO), // the kernel reads these itself
+            HandleKind::Ssd(f) => {
+                let buf = read_at(f, offset, size)?;
+                Stats::add(&self.stats.bytes_from_ssd, buf.len() as u64);
+                Ok(buf)
+            }
+            HandleKind::Nas(f) => {
+                let buf = read_at(f, offset, size)?;
+                Stats::add(&self.stats.bytes_from_nas, buf.len() as u64);
+                Ok(buf)
+            }
+            HandleKind::Fill { cf, nas } => {
+                if !cf.queued.swap(true, Ordering::AcqRel) {
+                    self.worker.enqueue(cf.clone());
+                }
+                match cf.read(nas, offset, size) {
+                    Ok((buf, fetched)) => {
+                        Stats::add(&self.stats.bytes_fetched, fetched);
+                        Stats::add(&self.stats.bytes_from_nas, fetched.min(buf.len() as u64));
+                        Stats::add(
+                            &self.stats.bytes_from_ssd,
+                            (buf.len() as u64).saturating_sub(fetched),
+                        );
+                        if fetched > 0 {
+                            self.cache.mark_dirty(cf);
+                        }
+                        Ok(buf)
+                    }
+                    Err(FetchError::Nas(e)) => Err(e.into()),
+                    Err(e) => {
+                        if matches!(e, FetchError::Changed) {
+                            Stats::add(&self.stats.stale_dropped, 1);
+                            let _ = self.cache.discard(cf.rel());
+                        }
+                        // Serve what the NAS holds now.
+                        let buf = read_at(nas, offset, size)?;
+                        Stats::add(&self.stats.bytes_from_nas, buf.len() as u64);
+                        Ok(buf)
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn read_at(f: &File, offset: u64, size: u32) -> Result<Vec<u8>, Errno> {
+    let mut buf = vec![0u8; size as usize];
+    let n = pread_full(f, &mut buf, offset)?;
+    buf.truncate(n);
+    Ok(buf)
+}
+
+fn systime(sec: i64, nsec: i64) -> SystemTime {
+    if sec >= 0 {
+        UNIX_EPOCH + Duration::new(sec as u64, nsec as u32)
+    } else {
+        UNIX_EPOCH - Duration::from_secs(sec.unsigned_abs()) + Duration::from_nanos(nsec as u64)
+    }
+}
+
+fn file_type(kind: DirEntryKind) -> FileType {
+    match kind {
+        DirEntryKind::File => FileType::RegularFile,
+        DirEntryKind::Dir => FileType::Directory,
+        DirEntryKind::Symlink => FileType::Symlink,
+        DirEntryKind::Other(libc::S_IFIFO) => FileType::NamedPipe,
+        DirEntryKind::Other(libc::S_IFCHR) => FileType::CharDevice,
+        DirEntryKind::Other(libc::S_IFBLK) => FileType::BlockDevice,
+        DirEntryKind::Other(_) => FileType::Socket,
+    }
+}
+
+fn child(parent: &Path, name: &OsStr) -> Result<PathBuf, Errno> {
+    // The kernel never sends these, but the NAS path must never leave the root.
+    if name.is_empty() || name == "." || name == ".." || name.as_encoded_bytes().contains(&b'/') {
+        return Err(Errno::EINVAL);
+    }
+    Ok(parent.join(name))
+}
+
+macro_rules! try_reply {
+    ($reply:ident, $e:expr) => {
+        match $e {
+            Ok(v) => v,
+            Err(err) => {
+                let err: Errno = err.into();
+                $reply.error(err);
+                return;
+            }
+        }
+    };
+}
+
+impl Filesystem for ArenaFs {
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
+        let _ = config.set_max_readahead(MAX_READAHEAD);
+        let _ = config.set_max_background(64);
+        if self.opts.passthrough
+            && config.add_capabilities(InitFlags::FUSE_PASSTHROUGH).is_ok()
+            && config.set_max_stack_depth(1).is_ok()
+        {
+            self.passthrough_ok.store(true, Ordering::Relaxed);
+        } else {
+            self.passthrough_ok.store(false, Ordering::Relaxed);
+            if self.opts.passthrough {
+                tracing::warn!(
+                    "the kernel does not offer FUSE passthrough; complete copies are served from user space"
+                );
+            }
+        }
+        Ok(())
+    }
+
+    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        let rel = try_reply!(reply, self.path(parent).and_then(|p| child(&p, name)));
+        match self.nas.stat(&rel) {
+            Ok(st) => {
+                let attr = self.attr(&st);
+                self.inodes.lock().remember(attr.ino.0, &rel);
+                reply.entry(&self.opts.attr_ttl, &attr, Generation(0));
+            }
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
+                // Negative entry: ComfyUI probes `unet/x` before `diffusion_models/x`.
+                let mut attr = self.attr(&nix_zero_stat());
+                attr.ino = INodeNo(0);
+                reply.entry(&self.opts.attr_ttl, &attr, Generation(0));
+            }
+            Err(e) => reply.error(e.into()),
+        }
+    }
+
+    fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
+        self.inodes.lock().forget(ino.0, nlookup);
+    }
+
+    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        let rel = try_reply!(reply, self.path(ino));
+        let st = try_reply!(reply, self.nas.stat(&rel));
+        let mut attr = self.attr(&st);
+        attr.ino = ino;
+        reply.attr(&self.opts.attr_ttl, &attr);
+    }
+
+    fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        let rel = try_reply!(reply, self.path(ino));
+        let target = try_reply!(reply, self.nas.readlink(&rel));
+        reply.data(target.as_encoded_bytes());
+    }
+
+    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        if flags.acc_mode() != OpenAccMode::O_RDONLY || flags.0 & libc::O_TRUNC != 0 {
+            reply.error(Errno::EROFS);
+            return;
+        }
+        let rel = try_reply!(reply, self.path(ino));
+        if let Err(e) = self.open_file(ino.0, &rel, reply) {
+            // `open_file` only fails before it replies.
+            tracing::debug!(path = %rel.display(), error = ?e, "open failed");
+        }
+    }
+
+    fn read(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyData,
+    ) {
+        let Some(h) = self.handles.lock().get(&fh.0).cloned() else {
+            reply.error(Errno::EBADF);
+            return;
+        };
+        match self.read_handle(&h, offset, size) {
+            Ok(buf) => reply.data(&buf),
+            Err(e) => {
+                Stats::add(&self.stats.read_errors, 1);
+                reply.error(e);
+            }
+        }
+    }
+
+    fn flush(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _lock_owner: LockOwner,
+        reply: ReplyEmpty,
+    ) {
+        reply.ok();
+    }
+
+    fn release(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        let handle = self.handles.lock().remove(&fh.0);
+        if let Some(h) = handle {
+            if let HandleKind::Fill { cf, .. } = &h.kind {
+                self.cache.mark_dirty(cf);
+            }
+            let mut inodes = self.inodes.lock();
+            if let Some(node) = inodes.get_mut(h.ino) {
+                node.open = node.open.saturating_sub(1);
+                if node.open == 0 {
+                    node.mode = IoMode::Idle;
+                    if node.nlookup == 0 {
+                        inodes.forget(h.ino, 0);
+                    }
+                }
+            }
+        }
+        reply.ok();
+    }
+
+    fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        let rel = try_reply!(reply, self.path(ino));
+        let list = try_reply!(reply, self.nas.read_dir(&rel));
+        let entries = list
+            .into_iter()
+            .map(|(name, kind, d_ino)| {
+                let ino = ino_for(self.root_dev, self.root_ino, self.root_dev, d_ino);
+                (name, file_type(kind), ino)
+            })
+            .collect();
+        let fh = self.new_fh();
+        self.dirs.lock().insert(fh, Arc::new(entries));
+        reply.opened(FileHandle(fh), FopenFlags::empty());
+    }
+
+    fn readdir(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectory,
+    ) {
+        let Some(entries) = self.dirs.lock().get(&fh.0).cloned() else {
+            reply.error(Errno::EBADF);
+            return;
+        };
+        let dots = [
+            (OsStr::new("."), FileType::Directory, ino.0),
+            (OsStr::new(".."), FileType::Directory, ROOT_INO),
+        ];
+        let all = dots
+            .into_iter()
+            .chain(entries.iter().map(|(n, k, i)| (n.as_os_str(), *k, *i)));
+        for (i, (name, kind, ino)) in all.enumerate().skip(offset as usize) {
+            if reply.add(INodeNo(ino), i as u64 + 1, kind, name) {
+                break;
+            }
+        }
+        reply.ok();
+    }
+
+    fn releasedir(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        reply: ReplyEmpty,
+    ) {
+        self.dirs.lock().remove(&fh.0);
+        reply.ok();
+    }
+
+    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        let s = try_reply!(reply, self.nas.statvfs());
+        reply.statfs(
+            s.blocks(),
+            s.blocks_free(),
+            s.blocks_available(),
+            s.files(),
+            s.files_free(),
+            s.block_size() as u32,
+            s.name_max() as u32,
+            s.fragment_size() as u32,
+        );
+    }
+
+    fn access(&self, _req: &Request, ino: INodeNo, mask: AccessFlags, reply: ReplyEmpty) {
+        let _ = try_reply!(reply, self.path(ino));
+        if mask.contains(AccessFlags::W_OK) {
+            reply.error(Errno::EROFS);
+        } else {
+            reply.ok();
+        }
+    }
+
+    // Read-only until write-through lands: every modifying operation fails with EROFS.
+
+    fn setattr(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _mode: Option<u32>,
+        _uid: Option<u32>,
+        _gid: Option<u32>,
+        _size: Option<u64>,
+        _atime: Option<TimeOrNow>,
+        _mtime: Option<TimeOrNow>,
+        _ctime: Option<SystemTime>,
+        _fh: Option<FileHandle>,
+        _crtime: Option<SystemTime>,
+        _chgtime: Option<SystemTime>,
+        _bkuptime: Option<SystemTime>,
+        _flags: Option<fuser::BsdFileFlags>,
+        reply: ReplyAttr,
+    ) {
+        reply.error(Errno::EROFS);
+    }
+
+    fn mknod(
+        &self,
+        _req: &Request,
+        _parent: INodeNo,
+        _name: &OsStr,
+        _mode: u32,
+        _umask: u32,
+        _rdev: u32,
+        reply: ReplyEntry,
+    ) {
+        reply.error(Errno::EROFS);
+    }
+
+    fn mkdir(
+        &self,
+        _req: &Request,
+        _parent: INodeNo,
+        _name: &OsStr,
+        _mode: u32,
+        _umask: u32,
+        reply: ReplyEntry,
+    ) {
+        reply.error(Errno::EROFS);
+    }
+
+    fn unlink(&self, _req: &Request, _parent: INodeNo, _name: &OsStr, reply: ReplyEmpty) {
+        reply.error(Errno::EROFS);
+    }
+
+    fn rmdir(&self, _req: &Request, _parent: INodeNo, _name: &OsStr, reply: ReplyEmpty) {
+        reply.error(Errno::EROFS);
+    }
+
+    fn symlink(
+        &self,
+        _req: &Request,
+        _parent: INodeNo,
+        _link_name: &OsStr,
+        _target: &Path,
+        reply: ReplyEntry,
+    ) {
+        reply.error(Errno::EROFS);
+    }
+
+    fn rename(
+        &self,
+        _req: &Request,
+        _parent: INodeNo,
+        _name: &OsStr,
+        _newparent: INodeNo,
+        _newname: &OsStr,
+        _flags: fuser::RenameFlags,
+        reply: ReplyEmpty,
+    ) {
+        reply.error(Errno::EROFS);
+    }
+
+    fn link(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _newparent: INodeNo,
+        _newname: &OsStr,
+        reply: ReplyEntry,
+    ) {
+        reply.error(Errno::EROFS);
+    }
+
+    fn write(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _offset: u64,
+        _data: &[u8],
+        _write_flags: WriteFlags,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyWrite,
+    ) {
+        reply.error(Errno::EROFS);
+    }
+
+    fn create(
+        &self,
+        _req: &Request,
+        _parent: INodeNo,
+        _name: &OsStr,
+        _mode: u32,
+        _umask: u32,
+        _flags: i32,
+        reply: ReplyCreate,
+    ) {
+        reply.error(Errno::EROFS);
+    }
+
+    fn setxattr(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _name: &OsStr,
+        _value: &[u8],
+        _flags: i32,
+        _position: u32,
+        reply: ReplyEmpty,
+    ) {
+        reply.error(Errno::EROFS);
+    }
+
+    fn removexattr(&self, _req: &Request, _ino: INodeNo, _name: &OsStr, reply: ReplyEmpty) {
+        reply.error(Errno::EROFS);
+    }
+
+    fn fallocate(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _offset: u64,
+        _length: u64,
+        _mode: i32,
+        reply: ReplyEmpty,
+    ) {
+        reply.error(Errno::EROFS);
+    }
+}
+
+fn nix_zero_stat() -> FileStat {
+    // SAFETY: `stat` is plain old data; all-zero is a valid value.
+    unsafe { std::mem::zeroed() }
+}

@@ -1,0 +1,25 @@
+//! arenafs: a FUSE filesystem that presents a NAS model tree unchanged and serves its files from
+//! an SSD cache.
+//!
+//! # Layout
+//! - [`source`]: NAS access (stat, open, list) and file identity.
+//! - [`policy`]: which files are cached (category, size floor).
+//! - [`cache`]: the SSD cache: layout, index, chunk maps, live copies being filled.
+//! - [`worker`]: background completion of copies.
+//! - [`fs`]: the FUSE adapter.
+//! - [`mount`]: mounting, stale-mount recovery, unmounting.
+//! - [`options`]: mount options (`-o`) and their flag twins.
+//! - [`daemon`]: runs a mount until it is unmounted.
+//! - [`control`]: the control socket.
+//! - [`stats`]: counters.
+
+pub mod cache;
+pub mod control;
+pub mod daemon;
+pub mod fs;
+pub mod mount;
+pub mod options;
+pub mod policy;
+pub mod source;
+pub mod stats;
+pub mod worker;

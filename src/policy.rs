@@ -1,0 +1,155 @@
+//! What gets cached: pure decisions over a NAS path and its size (DESIGN.md §4).
+//!
+//! The category of a file is the first component of its path under the NAS root. Folder names map
+//! to ComfyUI's category keys as `folder_paths` does (`clip` → `text_encoders`, `unet` →
+//! `diffusion_models`, `t2i_adapter` → `controlnet`), so either spelling works in settings.
+
+use std::collections::BTreeSet;
+use std::path::{Component, Path};
+
+/// Categories cached when no setting says otherwise (keys; folder aliases map onto them).
+pub const DEFAULT_CATEGORIES: &[&str] = &[
+    "checkpoints",
+    "loras",
+    "vae",
+    "text_encoders",
+    "diffusion_models",
+    "controlnet",
+    "upscale_models",
+    "embeddings",
+    "hypernetworks",
+    "clip_vision",
+    "style_models",
+    "gligen",
+    "photomaker",
+    "model_patches",
+    "audio_encoders",
+];
+
+/// Files smaller than this are read from the NAS without caching, by default (10 MB, as the
+/// original tool's `ARENA_CACHE_MIN_SIZE_MB=10`).
+pub const DEFAULT_MIN_SIZE: u64 = 10 * 1000 * 1000;
+
+/// Maps a folder name to its ComfyUI category key.
+pub fn category_key(folder: &str) -> &str {
+    match folder {
+        "clip" => "text_encoders",
+        "unet" => "diffusion_models",
+        "t2i_adapter" => "controlnet",
+        other => other,
+    }
+}
+
+/// The category key of a NAS-relative path: its first component, mapped. `None` for files at the
+/// root (they belong to no category).
+pub fn category_of(rel: &Path) -> Option<&str> {
+    let mut comps = rel.components();
+    let first = comps.next()?;
+    comps.next()?; // a file directly under the root has no category
+    match first {
+        Component::Normal(name) => name.to_str().map(category_key),
+        _ => None,
+    }
+}
+
+/// Why a file is or is not cached.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Decision {
+    /// Read through the SSD cache and complete the copy.
+    Cache,
+    /// Its category is not in the allow-list.
+    CategoryNotAllowed,
+    /// It is below the size floor.
+    TooSmall,
+}
+
+/// The caching policy of a mount.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Policy {
+    categories: BTreeSet<String>,
+    min_size: u64,
+}
+
+impl Default for Policy {
+    fn default() -> Self {
+        Self::new(DEFAULT_CATEGORIES.iter().copied(), DEFAULT_MIN_SIZE)
+    }
+}
+
+impl Policy {
+    /// A policy caching `categories` (keys or folder names) from `min_size` bytes up.
+    pub fn new<'a>(categories: impl IntoIterator<Item = &'a str>, min_size: u64) -> Self {
+        Self {
+            categories: categories
+                .into_iter()
+                .map(|c| category_key(c.trim()).to_string())
+                .filter(|c| !c.is_empty())
+                .collect(),
+            min_size,
+        }
+    }
+
+    /// The allowed category keys.
+    pub fn categories(&self) -> impl Iterator<Item = &str> {
+        self.categories.iter().map(String::as_str)
+    }
+
+    /// The size floor in bytes.
+    pub fn min_size(&self) -> u64 {
+        self.min_size
+    }
+
+    /// Whether a regular file at `rel` of `size` bytes is cached.
+    pub fn decide(&self, rel: &Path, size: u64) -> Decision {
+        match category_of(rel) {
+            Some(c) if self.categories.contains(c) => {}
+            _ => return Decision::CategoryNotAllowed,
+        }
+        if size < self.min_size {
+            return Decision::TooSmall;
+        }
+        Decision::Cache
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn categories_map_folder_aliases() {
+        assert_eq!(category_of(Path::new("clip/t5.safetensors")), Some("text_encoders"));
+        assert_eq!(category_of(Path::new("unet/a/b.gguf")), Some("diffusion_models"));
+        assert_eq!(category_of(Path::new("t2i_adapter/x.pth")), Some("controlnet"));
+        assert_eq!(category_of(Path::new("loras/x.safetensors")), Some("loras"));
+        assert_eq!(category_of(Path::new("top.safetensors")), None);
+        assert_eq!(category_of(Path::new("")), None);
+    }
+
+    #[test]
+    fn decide_by_category_and_size() {
+        let p = Policy::default();
+        assert_eq!(p.decide(Path::new("checkpoints/a.safetensors"), 20_000_000), Decision::Cache);
+        assert_eq!(p.decide(Path::new("clip/a.safetensors"), 20_000_000), Decision::Cache);
+        assert_eq!(
+            p.decide(Path::new("checkpoints/a.safetensors"), 9_999_999),
+            Decision::TooSmall
+        );
+        assert_eq!(
+            p.decide(Path::new("custom_stuff/a.bin"), 20_000_000),
+            Decision::CategoryNotAllowed
+        );
+        assert_eq!(
+            p.decide(Path::new("a.safetensors"), 20_000_000),
+            Decision::CategoryNotAllowed
+        );
+    }
+
+    #[test]
+    fn explicit_list_accepts_either_spelling() {
+        let p = Policy::new(["unet", " loras "], 0);
+        assert_eq!(p.categories().collect::<Vec<_>>(), ["diffusion_models", "loras"]);
+        assert_eq!(p.decide(Path::new("diffusion_models/x"), 0), Decision::Cache);
+        assert_eq!(p.decide(Path::new("vae/x"), 0), Decision::CategoryNotAllowed);
+    }
+}

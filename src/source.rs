@@ -1,0 +1,273 @@
+//! NAS access: the source of truth.
+//!
+//! Every path handed to this module is relative to the NAS root and was built by the filesystem
+//! from names the kernel looked up one component at a time, so it contains no `..` and no empty
+//! components. File contents are opened with `openat2(RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS)`: if a
+//! directory on the NAS is swapped for a symlink after it was looked up, the open fails instead of
+//! escaping the NAS root. Symlinks themselves are presented as symlinks and resolved by the kernel,
+//! exactly as a client of the NAS would see them.
+
+use std::ffi::{OsStr, OsString};
+use std::fs::File;
+use std::io;
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+
+use nix::fcntl::{OFlag, OpenHow, ResolveFlag};
+use nix::sys::stat::{FileStat, Mode};
+
+/// What decides whether a cache copy still belongs to the NAS file (DESIGN.md §2.1).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+pub struct Identity {
+    /// Size in bytes.
+    pub size: u64,
+    /// Modification time, nanoseconds since the epoch.
+    pub mtime_ns: i64,
+    /// Inode number on the NAS; 0 when the identity rule ignores inode numbers.
+    pub ino: u64,
+}
+
+/// Which fields of a NAS file's metadata make up its identity.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum IdentityRule {
+    /// Size and mtime (ns): for NAS mounts whose inode numbers change across remounts.
+    SizeMtime,
+    /// Size, mtime (ns) and inode number: the default; also catches a file replaced by rename
+    /// with its size and mtime preserved (`cp -p` then `mv`).
+    SizeMtimeIno,
+}
+
+impl IdentityRule {
+    /// The identity of a file under this rule.
+    pub fn identity(self, st: &FileStat) -> Identity {
+        Identity {
+            size: st.st_size as u64,
+            mtime_ns: st.st_mtime.saturating_mul(1_000_000_000) + st.st_mtime_nsec,
+            ino: match self {
+                IdentityRule::SizeMtime => 0,
+                IdentityRule::SizeMtimeIno => st.st_ino,
+            },
+        }
+    }
+}
+
+/// The NAS directory arenafs presents.
+#[derive(Debug)]
+pub struct Nas {
+    root: PathBuf,
+    root_fd: OwnedFd,
+}
+
+impl Nas {
+    /// Opens the NAS root. Fails if it does not exist or is not a directory.
+    pub fn open(root: &Path) -> io::Result<Self> {
+        let root_fd: OwnedFd = nix::fcntl::open(
+            root,
+            OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(io::Error::from)?;
+        Ok(Self {
+            root: root.to_path_buf(),
+            root_fd,
+        })
+    }
+
+    /// The NAS root as given.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// `lstat` of a path relative to the root (`""` is the root itself).
+    pub fn stat(&self, rel: &Path) -> io::Result<FileStat> {
+        nix::sys::stat::fstatat(
+            &self.root_fd,
+            dot_if_empty(rel),
+            nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
+        )
+        .map_err(io::Error::from)
+    }
+
+    /// Opens a regular file read-only, never following symlinks.
+    pub fn open_file(&self, rel: &Path) -> io::Result<File> {
+        let fd = self.open_beneath(rel, OFlag::O_RDONLY | OFlag::O_NOFOLLOW)?;
+        Ok(File::from(fd))
+    }
+
+    /// Reads a symlink's target.
+    pub fn readlink(&self, rel: &Path) -> io::Result<OsString> {
+        nix::fcntl::readlinkat(&self.root_fd, dot_if_empty(rel)).map_err(io::Error::from)
+    }
+
+    /// Lists a directory: `(name, file type from d_type or lstat, d_ino)`, without `.` and `..`.
+    pub fn read_dir(&self, rel: &Path) -> io::Result<Vec<(OsString, DirEntryKind, u64)>> {
+        let fd = self.open_beneath(rel, OFlag::O_RDONLY | OFlag::O_DIRECTORY)?;
+        let mut dir = nix::dir::Dir::from_fd(fd).map_err(io::Error::from)?;
+        let mut out = Vec::new();
+        for entry in dir.iter() {
+            let entry = entry.map_err(io::Error::from)?;
+            let name = OsStr::from_bytes(entry.file_name().to_bytes());
+            if name == "." || name == ".." {
+                continue;
+            }
+            let kind = match entry.file_type() {
+                Some(t) => DirEntryKind::from_nix(t),
+                None => match self.stat(&rel.join(name)) {
+                    Ok(st) => DirEntryKind::from_mode(st.st_mode),
+                    Err(_) => continue, // vanished between readdir and stat
+                },
+            };
+            out.push((name.to_os_string(), kind, entry.ino()));
+        }
+        Ok(out)
+    }
+
+    /// `statvfs` of the NAS root.
+    pub fn statvfs(&self) -> io::Result<nix::sys::statvfs::Statvfs> {
+        nix::sys::statvfs::fstatvfs(&self.root_fd).map_err(io::Error::from)
+    }
+
+    fn open_beneath(&self, rel: &Path, flags: OFlag) -> io::Result<OwnedFd> {
+        let how = OpenHow::new()
+            .flags(flags | OFlag::O_CLOEXEC)
+            .resolve(ResolveFlag::RESOLVE_BENEATH | ResolveFlag::RESOLVE_NO_SYMLINKS);
+        nix::fcntl::openat2(&self.root_fd, dot_if_empty(rel), how).map_err(io::Error::from)
+    }
+}
+
+impl AsFd for Nas {
+    fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        self.root_fd.as_fd()
+    }
+}
+
+fn dot_if_empty(rel: &Path) -> &Path {
+    if rel.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        rel
+    }
+}
+
+/// The kind of a directory entry, as readdir reports it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum DirEntryKind {
+    /// Regular file.
+    File,
+    /// Directory.
+    Dir,
+    /// Symbolic link.
+    Symlink,
+    /// FIFO, socket or device.
+    Other(u32),
+}
+
+impl DirEntryKind {
+    fn from_nix(t: nix::dir::Type) -> Self {
+        use nix::dir::Type;
+        match t {
+            Type::File => Self::File,
+            Type::Directory => Self::Dir,
+            Type::Symlink => Self::Symlink,
+            Type::Fifo => Self::Other(libc::S_IFIFO),
+            Type::CharacterDevice => Self::Other(libc::S_IFCHR),
+            Type::BlockDevice => Self::Other(libc::S_IFBLK),
+            Type::Socket => Self::Other(libc::S_IFSOCK),
+        }
+    }
+
+    /// From an `st_mode`.
+    pub fn from_mode(mode: u32) -> Self {
+        match mode & libc::S_IFMT {
+            libc::S_IFREG => Self::File,
+            libc::S_IFDIR => Self::Dir,
+            libc::S_IFLNK => Self::Symlink,
+            other => Self::Other(other),
+        }
+    }
+}
+
+/// `pread` until `buf` is full or EOF; returns the bytes read.
+pub fn pread_full(file: &File, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+    use std::os::unix::fs::FileExt;
+    let mut done = 0;
+    while done < buf.len() {
+        match file.read_at(&mut buf[done..], offset + done as u64) {
+            Ok(0) => break,
+            Ok(n) => done += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(done)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::symlink;
+
+    #[test]
+    fn stat_open_list_readlink() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("loras")).unwrap();
+        std::fs::write(dir.path().join("loras/a.safetensors"), b"hello").unwrap();
+        symlink("a.safetensors", dir.path().join("loras/link")).unwrap();
+        let nas = Nas::open(dir.path()).unwrap();
+
+        assert_eq!(nas.stat(Path::new("loras/a.safetensors")).unwrap().st_size, 5);
+        assert!(nas.stat(Path::new("")).is_ok());
+        let mut buf = [0u8; 16];
+        let f = nas.open_file(Path::new("loras/a.safetensors")).unwrap();
+        assert_eq!(pread_full(&f, &mut buf, 1).unwrap(), 4);
+        assert_eq!(&buf[..4], b"ello");
+
+        let mut list: Vec<_> = nas
+            .read_dir(Path::new("loras"))
+            .unwrap()
+            .into_iter()
+            .map(|(n, k, _)| (n, k))
+            .collect();
+        list.sort();
+        assert_eq!(
+            list,
+            vec![
+                ("a.safetensors".into(), DirEntryKind::File),
+                ("link".into(), DirEntryKind::Symlink)
+            ]
+        );
+        assert_eq!(nas.readlink(Path::new("loras/link")).unwrap(), "a.safetensors");
+        // Opening through a symlink is refused: the kernel resolves symlinks, not us.
+        assert!(nas.open_file(Path::new("loras/link")).is_err());
+    }
+
+    #[test]
+    fn symlinked_directory_cannot_escape_root() {
+        let outside = tempfile::tempdir().unwrap();
+        std::fs::write(outside.path().join("secret"), b"x").unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        symlink(outside.path(), dir.path().join("evil")).unwrap();
+        let nas = Nas::open(dir.path()).unwrap();
+        assert!(nas.open_file(Path::new("evil/secret")).is_err());
+    }
+
+    #[test]
+    fn identity_rules() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("f"), b"abc").unwrap();
+        let nas = Nas::open(dir.path()).unwrap();
+        let st = nas.stat(Path::new("f")).unwrap();
+        let a = IdentityRule::SizeMtimeIno.identity(&st);
+        let b = IdentityRule::SizeMtime.identity(&st);
+        assert_eq!(a.size, 3);
+        assert_eq!(b.ino, 0);
+        assert_ne!(a.ino, 0);
+        assert_eq!(a.mtime_ns, b.mtime_ns);
+    }
+
+    #[test]
+    fn missing_root_is_an_error() {
+        assert!(Nas::open(Path::new("/nonexistent/arenafs/nas")).is_err());
+    }
+}
