@@ -28,7 +28,8 @@ pub const READY_FD_ENV: &str = "ARENAFS_READY_FD";
 /// Mounts `nas` at `mountpoint` and serves it until it is unmounted or a signal arrives.
 pub fn run(nas_dir: &Path, mountpoint: &Path, cfg: &MountConfig) -> Result<()> {
     let nas = Nas::open(nas_dir).with_context(|| format!("NAS directory {}", nas_dir.display()))?;
-    if !nas.stat(Path::new(""))
+    if !nas
+        .stat(Path::new(""))
         .map(|st| st.st_mode & libc::S_IFMT == libc::S_IFDIR)
         .unwrap_or(false)
     {
@@ -52,7 +53,12 @@ pub fn run(nas_dir: &Path, mountpoint: &Path, cfg: &MountConfig) -> Result<()> {
 
     let stats = Arc::new(Stats::default());
     let cache = Cache::new(store, IdentityRule::SizeMtimeIno, CHUNK_SIZE);
-    let worker = Worker::start(cfg.max_concurrency, nas.clone(), cache.clone(), stats.clone());
+    let worker = Worker::start(
+        cfg.max_concurrency,
+        nas.clone(),
+        cache.clone(),
+        stats.clone(),
+    );
     let passthrough = Arc::new(AtomicBool::new(false));
     let fs = ArenaFs::new(
         nas.clone(),
@@ -131,7 +137,9 @@ pub fn run(nas_dir: &Path, mountpoint: &Path, cfg: &MountConfig) -> Result<()> {
             .name("arenafs-orphans".into())
             .spawn(move || match cache.store().remove_orphans() {
                 Ok(0) => {}
-                Ok(n) => tracing::info!(count = n, "removed cache files left by an interrupted run"),
+                Ok(n) => {
+                    tracing::info!(count = n, "removed cache files left by an interrupted run")
+                }
                 Err(e) => tracing::warn!(error = %e, "could not scan the cache for leftovers"),
             })?;
     }
@@ -161,18 +169,27 @@ fn spawn_signal_thread(signals: SigSet, mountpoint: PathBuf) -> Result<()> {
 }
 
 fn report_ready() {
+    report_to_parent("ready\n");
+}
+
+/// Tells the waiting parent of a background daemon why it failed (no-op in the foreground).
+pub fn report_failure(msg: &str) {
+    report_to_parent(&format!("error: {msg}\n"));
+}
+
+fn report_to_parent(line: &str) {
+    static TAKEN: std::sync::Once = std::sync::Once::new();
     let Some(fd) = std::env::var(READY_FD_ENV)
         .ok()
         .and_then(|v| v.parse::<i32>().ok())
     else {
         return;
     };
-    // SAFETY: the parent passed us this descriptor for exactly this purpose; nothing else in the
-    // process owns it.
-    let owned = unsafe { OwnedFd::from_raw_fd(fd) };
-    let mut f = std::fs::File::from(owned);
-    let _ = f.write_all(b"ready\n");
-    // SAFETY: removing a variable while no other thread reads the environment (the other threads
-    // of this process never do).
-    unsafe { std::env::remove_var(READY_FD_ENV) };
+    TAKEN.call_once(|| {
+        // SAFETY: the parent passed us this descriptor for exactly this purpose; nothing else in
+        // the process owns it, and `Once` makes sure it is taken (and closed) once.
+        let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+        let mut f = std::fs::File::from(owned);
+        let _ = f.write_all(line.as_bytes());
+    });
 }

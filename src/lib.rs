@@ -11,7 +11,7 @@
 //! - [`options`]: mount options (`-o`) and their flag twins.
 //! - [`daemon`]: runs a mount until it is unmounted.
 //! - [`control`]: the control socket.
-//! - [`stats`]: counters.
+//! - [`stats`]: counters of a daemon run.
 
 pub mod cache;
 pub mod control;

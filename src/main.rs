@@ -12,7 +12,11 @@ use arenafs::daemon::{self, READY_FD_ENV};
 use arenafs::options::MountConfig;
 
 #[derive(Parser, Debug)]
-#[command(name = "arenafs", version, about = "Serve ComfyUI models from an SSD cache of a slow NAS")]
+#[command(
+    name = "arenafs",
+    version,
+    about = "Serve ComfyUI models from an SSD cache of a slow NAS"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -57,6 +61,9 @@ struct MountArgs {
     /// Control socket [default: /run/arenafs/<escaped mount point>.sock].
     #[arg(long)]
     socket: Option<PathBuf>,
+    /// Log file of a background daemon [default: /var/log/arenafs/<escaped mount point>.log].
+    #[arg(long)]
+    log_file: Option<PathBuf>,
 }
 
 #[derive(clap::Args, Debug)]
@@ -72,10 +79,11 @@ struct SocketArgs {
 /// subcommand as `mount`.
 fn normalise_args(mut args: Vec<String>) -> Vec<String> {
     const COMMANDS: &[&str] = &["mount", "stats", "status", "unmount", "help"];
-    if let Some(first) = args.get(1) {
-        if !first.starts_with('-') && !COMMANDS.contains(&first.as_str()) {
-            args.insert(1, "mount".into());
-        }
+    if let Some(first) = args.get(1)
+        && !first.starts_with('-')
+        && !COMMANDS.contains(&first.as_str())
+    {
+        args.insert(1, "mount".into());
     }
     args
 }
@@ -95,6 +103,7 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("arenafs: {e:#}");
+            daemon::report_failure(&format!("{e:#}"));
             ExitCode::from(1)
         }
     }
@@ -140,15 +149,34 @@ fn mount(m: MountArgs, args: &[String]) -> Result<()> {
     if let Some(s) = m.socket {
         cfg.socket = Some(s);
     }
+    if let Some(l) = m.log_file {
+        cfg.log_file = Some(l);
+    }
     if m.foreground {
         return daemon::run(&m.nas, &m.mountpoint, &cfg);
     }
-    spawn_background(args)
+    let log = cfg.log_file.clone().unwrap_or_else(|| {
+        PathBuf::from("/var/log/arenafs").join(format!(
+            "{}.log",
+            arenafs::mount::systemd_escape_path(
+                &arenafs::mount::absolute(&m.mountpoint).unwrap_or(m.mountpoint.clone())
+            )
+        ))
+    });
+    spawn_background(args, &log)
 }
 
-/// Re-runs this command in the foreground as a detached child and waits until it reports that
-/// the mount is ready (exit 0) or dies (exit 1, its error already printed).
-fn spawn_background(args: &[String]) -> Result<()> {
+/// Re-runs this command in the foreground as a detached child, logging to `log`, and waits until
+/// it reports that the mount is ready (exit 0) or why it failed (exit 1).
+fn spawn_background(args: &[String], log: &std::path::Path) -> Result<()> {
+    if let Some(dir) = log.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("log directory {}", dir.display()))?;
+    }
+    let log_file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .with_context(|| format!("log file {}", log.display()))?;
     let (read_end, write_end) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
     let write_raw = std::os::fd::AsRawFd::as_raw_fd(&write_end);
     let exe = std::env::current_exe().context("locating the arenafs binary")?;
@@ -156,7 +184,9 @@ fn spawn_background(args: &[String]) -> Result<()> {
     cmd.args(&args[1..])
         .arg("--foreground")
         .env(READY_FD_ENV, write_raw.to_string())
-        .stdin(std::process::Stdio::null());
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(log_file);
     // SAFETY: only async-signal-safe calls between fork and exec.
     unsafe {
         cmd.pre_exec(move || {
@@ -176,7 +206,10 @@ fn spawn_background(args: &[String]) -> Result<()> {
         return Ok(());
     }
     let status = child.wait()?;
-    bail!("the daemon did not start ({status})");
+    match answer.strip_prefix("error: ") {
+        Some(msg) => bail!("{}", msg.trim_end()),
+        None => bail!("the daemon did not start ({status}); see {}", log.display()),
+    }
 }
 
 fn print_get(s: &SocketArgs, path: &str) -> Result<()> {

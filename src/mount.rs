@@ -85,7 +85,10 @@ fn unescape(s: &str) -> Vec<u8> {
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
     while i < b.len() {
-        if b[i] == b'\\' && i + 3 < b.len() && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c)) {
+        if b[i] == b'\\'
+            && i + 3 < b.len()
+            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
+        {
             out.push((b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0'));
             i += 4;
         } else {
@@ -139,24 +142,22 @@ pub fn prepare_mountpoint(mountpoint: &Path) -> Result<(), MountError> {
             Ok(())
         }
         Ok(_) => Err(err("not a directory".into())),
-        Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => {
-            match mount_at(mountpoint) {
-                Some(m) if m.fstype == FSTYPE => {
-                    nix::mount::umount2(mountpoint, MntFlags::MNT_DETACH)
-                        .map_err(|e| err(format!("cannot clear the stale arenafs mount: {e}")))?;
-                    tracing::warn!(
-                        mountpoint = %mountpoint.display(),
-                        "cleared a stale arenafs mount left by a daemon that died"
-                    );
-                    prepare_mountpoint(mountpoint)
-                }
-                Some(m) => Err(err(format!(
-                    "transport endpoint is not connected: a stale {} mount that is not arenafs's; not touching it",
-                    m.fstype
-                ))),
-                None => Err(err("transport endpoint is not connected".into())),
+        Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => match mount_at(mountpoint) {
+            Some(m) if m.fstype == FSTYPE => {
+                nix::mount::umount2(mountpoint, MntFlags::MNT_DETACH)
+                    .map_err(|e| err(format!("cannot clear the stale arenafs mount: {e}")))?;
+                tracing::warn!(
+                    mountpoint = %mountpoint.display(),
+                    "cleared a stale arenafs mount left by a daemon that died"
+                );
+                prepare_mountpoint(mountpoint)
             }
-        }
+            Some(m) => Err(err(format!(
+                "transport endpoint is not connected: a stale {} mount that is not arenafs's; not touching it",
+                m.fstype
+            ))),
+            None => Err(err("transport endpoint is not connected".into())),
+        },
         Err(e) => Err(err(e.to_string())),
     }
 }
@@ -264,15 +265,27 @@ mod tests {
 
     #[test]
     fn escape_like_systemd() {
-        assert_eq!(systemd_escape_path(Path::new("/opt/ComfyUI/models")), "opt-ComfyUI-models");
+        assert_eq!(
+            systemd_escape_path(Path::new("/opt/ComfyUI/models")),
+            "opt-ComfyUI-models"
+        );
         assert_eq!(systemd_escape_path(Path::new("/")), "-");
-        assert_eq!(systemd_escape_path(Path::new("/a b/c-d/")), "a\\x20b-c\\x2dd");
-        assert_eq!(systemd_escape_path(Path::new("/.hidden/x")), "\\x2ehidden-x");
+        assert_eq!(
+            systemd_escape_path(Path::new("/a b/c-d/")),
+            "a\\x20b-c\\x2dd"
+        );
+        assert_eq!(
+            systemd_escape_path(Path::new("/.hidden/x")),
+            "\\x2ehidden-x"
+        );
     }
 
     #[test]
     fn absolute_normalises() {
-        assert_eq!(absolute(Path::new("/a/./b/../c")).unwrap(), Path::new("/a/c"));
+        assert_eq!(
+            absolute(Path::new("/a/./b/../c")).unwrap(),
+            Path::new("/a/c")
+        );
     }
 
     #[test]
@@ -281,8 +294,18 @@ mod tests {
         assert!(prepare_mountpoint(dir.path()).is_ok());
         let file = dir.path().join("f");
         std::fs::write(&file, "").unwrap();
-        assert!(prepare_mountpoint(&file).unwrap_err().to_string().contains("not a directory"));
+        assert!(
+            prepare_mountpoint(&file)
+                .unwrap_err()
+                .to_string()
+                .contains("not a directory")
+        );
         assert!(prepare_mountpoint(&dir.path().join("missing")).is_err());
-        assert!(prepare_mountpoint(Path::new("/proc")).unwrap_err().to_string().contains("busy"));
+        assert!(
+            prepare_mountpoint(Path::new("/proc"))
+                .unwrap_err()
+                .to_string()
+                .contains("busy")
+        );
     }
 }

@@ -34,6 +34,8 @@ pub struct MountConfig {
     pub max_concurrency: usize,
     /// FUSE request threads.
     pub threads: usize,
+    /// Log file of a background daemon.
+    pub log_file: Option<PathBuf>,
 }
 
 impl Default for MountConfig {
@@ -51,6 +53,7 @@ impl Default for MountConfig {
             socket: None,
             max_concurrency: 2,
             threads: 8,
+            log_file: None,
         }
     }
 }
@@ -78,6 +81,7 @@ impl MountConfig {
         match key {
             "cache_dir" => self.cache_dir = Some(PathBuf::from(need(())?)),
             "socket" => self.socket = Some(PathBuf::from(need(())?)),
+            "log_file" => self.log_file = Some(PathBuf::from(need(())?)),
             "min_size_mb" | "cache_min_size_mb" => {
                 self.min_size = parse_num(key, need(())?)? * 1000 * 1000
             }
@@ -136,7 +140,9 @@ fn parse_bool(key: &str, v: &str) -> Result<bool, String> {
     match v.trim().to_ascii_lowercase().as_str() {
         "1" | "true" | "yes" | "on" => Ok(true),
         "0" | "false" | "no" | "off" => Ok(false),
-        _ => Err(format!("option {key}: '{v}' is not a boolean (1/0/true/false/yes/no)")),
+        _ => Err(format!(
+            "option {key}: '{v}' is not a boolean (1/0/true/false/yes/no)"
+        )),
     }
 }
 
@@ -153,24 +159,38 @@ mod tests {
         assert_eq!(c.min_size, 0);
         assert_eq!(c.categories, ["loras", "unet"]);
         assert!(c.flags.contains(MsFlags::MS_NOATIME));
-        assert!(c.policy().decide("diffusion_models/x".as_ref(), 1) == crate::policy::Decision::Cache);
+        assert!(
+            c.policy().decide("diffusion_models/x".as_ref(), 1) == crate::policy::Decision::Cache
+        );
     }
 
     #[test]
     fn defaults_and_overrides() {
         let mut c = MountConfig::default();
         assert!(c.allow_other && c.default_permissions && c.passthrough);
-        c.apply_opts("noallow_other,nodefault_permissions,passthrough=0,attr_timeout=0.5").unwrap();
+        c.apply_opts("noallow_other,nodefault_permissions,passthrough=0,attr_timeout=0.5")
+            .unwrap();
         assert!(!c.allow_other && !c.default_permissions && !c.passthrough);
         assert_eq!(c.attr_ttl, Duration::from_millis(500));
     }
 
     #[test]
     fn bad_options_are_refused() {
-        for bad in ["bogus", "cache_dir", "min_size_mb=ten", "passthrough=maybe", "attr_timeout=-1"] {
+        for bad in [
+            "bogus",
+            "cache_dir",
+            "min_size_mb=ten",
+            "passthrough=maybe",
+            "attr_timeout=-1",
+        ] {
             let err = MountConfig::default().apply_opts(bad).unwrap_err();
             assert!(!err.is_empty(), "{bad}");
         }
-        assert!(MountConfig::default().apply_opts("bogus").unwrap_err().contains("unknown mount option 'bogus'"));
+        assert!(
+            MountConfig::default()
+                .apply_opts("bogus")
+                .unwrap_err()
+                .contains("unknown mount option 'bogus'")
+        );
     }
 }

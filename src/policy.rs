@@ -118,9 +118,18 @@ mod tests {
 
     #[test]
     fn categories_map_folder_aliases() {
-        assert_eq!(category_of(Path::new("clip/t5.safetensors")), Some("text_encoders"));
-        assert_eq!(category_of(Path::new("unet/a/b.gguf")), Some("diffusion_models"));
-        assert_eq!(category_of(Path::new("t2i_adapter/x.pth")), Some("controlnet"));
+        assert_eq!(
+            category_of(Path::new("clip/t5.safetensors")),
+            Some("text_encoders")
+        );
+        assert_eq!(
+            category_of(Path::new("unet/a/b.gguf")),
+            Some("diffusion_models")
+        );
+        assert_eq!(
+            category_of(Path::new("t2i_adapter/x.pth")),
+            Some("controlnet")
+        );
         assert_eq!(category_of(Path::new("loras/x.safetensors")), Some("loras"));
         assert_eq!(category_of(Path::new("top.safetensors")), None);
         assert_eq!(category_of(Path::new("")), None);
@@ -129,8 +138,14 @@ mod tests {
     #[test]
     fn decide_by_category_and_size() {
         let p = Policy::default();
-        assert_eq!(p.decide(Path::new("checkpoints/a.safetensors"), 20_000_000), Decision::Cache);
-        assert_eq!(p.decide(Path::new("clip/a.safetensors"), 20_000_000), Decision::Cache);
+        assert_eq!(
+            p.decide(Path::new("checkpoints/a.safetensors"), 20_000_000),
+            Decision::Cache
+        );
+        assert_eq!(
+            p.decide(Path::new("clip/a.safetensors"), 20_000_000),
+            Decision::Cache
+        );
         assert_eq!(
             p.decide(Path::new("checkpoints/a.safetensors"), 9_999_999),
             Decision::TooSmall
@@ -148,8 +163,17 @@ mod tests {
     #[test]
     fn explicit_list_accepts_either_spelling() {
         let p = Policy::new(["unet", " loras "], 0);
-        assert_eq!(p.categories().collect::<Vec<_>>(), ["diffusion_models", "loras"]);
-        assert_eq!(p.decide(Path::new("diffusion_models/x"), 0), Decision::Cache);
-        assert_eq!(p.decide(Path::new("vae/x"), 0), Decision::CategoryNotAllowed);
+        assert_eq!(
+            p.categories().collect::<Vec<_>>(),
+            ["diffusion_models", "loras"]
+        );
+        assert_eq!(
+            p.decide(Path::new("diffusion_models/x"), 0),
+            Decision::Cache
+        );
+        assert_eq!(
+            p.decide(Path::new("vae/x"), 0),
+            Decision::CategoryNotAllowed
+        );
     }
 }

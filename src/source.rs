@@ -216,7 +216,10 @@ mod tests {
         symlink("a.safetensors", dir.path().join("loras/link")).unwrap();
         let nas = Nas::open(dir.path()).unwrap();
 
-        assert_eq!(nas.stat(Path::new("loras/a.safetensors")).unwrap().st_size, 5);
+        assert_eq!(
+            nas.stat(Path::new("loras/a.safetensors")).unwrap().st_size,
+            5
+        );
         assert!(nas.stat(Path::new("")).is_ok());
         let mut buf = [0u8; 16];
         let f = nas.open_file(Path::new("loras/a.safetensors")).unwrap();
@@ -237,7 +240,10 @@ mod tests {
                 ("link".into(), DirEntryKind::Symlink)
             ]
         );
-        assert_eq!(nas.readlink(Path::new("loras/link")).unwrap(), "a.safetensors");
+        assert_eq!(
+            nas.readlink(Path::new("loras/link")).unwrap(),
+            "a.safetensors"
+        );
         // Opening through a symlink is refused: the kernel resolves symlinks, not us.
         assert!(nas.open_file(Path::new("loras/link")).is_err());
     }

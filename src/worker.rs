@@ -51,7 +51,8 @@ impl Worker {
             threads: Mutex::new(Vec::new()),
         });
         for i in 0..concurrency.max(1) {
-            let (w, nas, cache, stats) = (worker.clone(), nas.clone(), cache.clone(), stats.clone());
+            let (w, nas, cache, stats) =
+                (worker.clone(), nas.clone(), cache.clone(), stats.clone());
             let handle = std::thread::Builder::new()
                 .name(format!("arenafs-copy-{i}"))
                 .spawn(move || w.run(&nas, &cache, &stats))

@@ -117,7 +117,9 @@ impl ChunkMap {
         if self.is_complete() {
             return None;
         }
-        (from..n).chain(0..from.min(n)).find(|&i| !self.is_present(i))
+        (from..n)
+            .chain(0..from.min(n))
+            .find(|&i| !self.is_present(i))
     }
 
     /// The raw bitmap words, for persisting.
@@ -136,12 +138,11 @@ impl ChunkMap {
             return None;
         }
         // Bits past the last chunk must be clear.
-        if chunks % 64 != 0 {
-            if let Some(last) = words.last() {
-                if last >> (chunks % 64) != 0 {
-                    return None;
-                }
-            }
+        if let Some(last) = words.last()
+            && !chunks.is_multiple_of(64)
+            && last >> (chunks % 64) != 0
+        {
+            return None;
         }
         let present = words.iter().map(|w| u64::from(w.count_ones())).sum();
         Some(Self {
@@ -222,6 +223,10 @@ mod tests {
         assert!(ChunkMap::from_words(10, 4, vec![0, 0]).is_none());
         // Bit 3 set although the file has only 3 chunks.
         assert!(ChunkMap::from_words(10, 4, vec![0b1000]).is_none());
-        assert!(ChunkMap::from_words(10, 4, vec![0b111]).unwrap().is_complete());
+        assert!(
+            ChunkMap::from_words(10, 4, vec![0b111])
+                .unwrap()
+                .is_complete()
+        );
     }
 }

@@ -169,7 +169,12 @@ impl Cache {
             let _ = h.join();
         }
         // Copies still referenced (open handles at unmount) are persisted here.
-        let live: Vec<_> = self.live.lock().values().filter_map(Weak::upgrade).collect();
+        let live: Vec<_> = self
+            .live
+            .lock()
+            .values()
+            .filter_map(Weak::upgrade)
+            .collect();
         for cf in live {
             self.persist(&cf);
         }

@@ -125,7 +125,8 @@ impl EntryRecord {
             return None;
         }
         let u = |i: usize| u64::from_le_bytes(rest[i * 8..i * 8 + 8].try_into().unwrap());
-        let (id, size, mtime_ns, ino, chunk_size, last_access) = (u(0), u(1), u(2), u(3), u(4), u(5));
+        let (id, size, mtime_ns, ino, chunk_size, last_access) =
+            (u(0), u(1), u(2), u(3), u(4), u(5));
         let nwords = u32::from_le_bytes(rest[48..52].try_into().unwrap()) as usize;
         let body = &rest[52..];
         if body.len() != nwords.checked_mul(8)? {
@@ -207,7 +208,10 @@ impl Store {
             }
         }
         if !bad.is_empty() {
-            tracing::warn!(count = bad.len(), "discarding unreadable cache index records");
+            tracing::warn!(
+                count = bad.len(),
+                "discarding unreadable cache index records"
+            );
             let txn = db.begin_write().map_err(index_err)?;
             {
                 let mut table = txn.open_table(ENTRIES).map_err(index_err)?;
@@ -396,8 +400,12 @@ fn take_lock(dir: &Path) -> Result<File, StoreError> {
             source,
         })?;
     // SAFETY: flock on a valid, owned descriptor.
-    if unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&file), libc::LOCK_EX | libc::LOCK_NB) }
-        != 0
+    if unsafe {
+        libc::flock(
+            std::os::fd::AsRawFd::as_raw_fd(&file),
+            libc::LOCK_EX | libc::LOCK_NB,
+        )
+    } != 0
     {
         let err = io::Error::last_os_error();
         if err.raw_os_error() == Some(libc::EWOULDBLOCK) {
@@ -507,7 +515,10 @@ mod tests {
         let err = Store::open(dir.path()).unwrap_err();
         assert!(matches!(err, StoreError::Locked { .. }), "{err}");
         assert!(err.to_string().contains("in use by another arenafs daemon"));
-        assert!(err.to_string().contains(&format!("pid {}", std::process::id())));
+        assert!(
+            err.to_string()
+                .contains(&format!("pid {}", std::process::id()))
+        );
     }
 
     #[test]

@@ -17,8 +17,8 @@ use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::fs::File;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use fuser::{
@@ -35,7 +35,7 @@ use crate::policy::{Decision, Policy};
 use crate::source::{DirEntryKind, Nas, pread_full};
 use crate::stats::Stats;
 use crate::worker::Worker;
-use inodes::{IoMode, Inodes, ROOT_INO, ino_for};
+use inodes::{Inodes, IoMode, ROOT_INO, ino_for};
 
 /// Largest read the kernel sends when asked for big requests (`max_pages` = 256 pages).
 const MAX_READAHEAD: u32 = 1 << 20;
@@ -56,6 +56,9 @@ enum HandleKind {
     Nas(File),
 }
 
+/// A directory listing taken at `opendir`: (name, type, inode).
+type DirListing = Vec<(std::ffi::OsString, FileType, u64)>;
+
 struct Handle {
     ino: u64,
     kind: HandleKind,
@@ -73,7 +76,7 @@ pub struct ArenaFs {
     root_ino: u64,
     inodes: Mutex<Inodes>,
     handles: Mutex<HashMap<u64, Arc<Handle>>>,
-    dirs: Mutex<HashMap<u64, Arc<Vec<(std::ffi::OsString, FileType, u64)>>>>,
+    dirs: Mutex<HashMap<u64, Arc<DirListing>>>,
     next_fh: AtomicU64,
     passthrough_ok: Arc<AtomicBool>,
 }
@@ -176,30 +179,34 @@ impl ArenaFs {
             node.open += 1;
             drop(inodes);
             Stats::add(&self.stats.opens_passthrough, 1);
-            // FOPEN_KEEP_CACHE is not allowed with passthrough.
+            // The handle exists before the kernel can use it. FOPEN_KEEP_CACHE is not allowed
+            // with passthrough.
+            self.insert_handle(fh, ino, HandleKind::Passthrough(backing.clone()));
             reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), &backing);
-            self.insert_handle(fh, ino, HandleKind::Passthrough(backing));
             return Ok(());
         }
 
-        // A complete copy with no handle open in page-cache mode: start passthrough.
-        if let Found::Complete(path) = &found {
-            if node.open == 0 && self.passthrough_ok.load(Ordering::Relaxed) {
-                let backing = File::open(path)
-                    .and_then(|f| reply.open_backing(&f))
-                    .map(Arc::new)
-                    .map_err(|e| {
-                        tracing::warn!(error = %e, "passthrough unavailable; serving copies from user space");
-                        self.passthrough_ok.store(false, Ordering::Relaxed);
-                    });
-                if let Ok(backing) = backing {
+        // A complete copy with no handle open in page-cache mode: start passthrough. (A data
+        // file that cannot be opened is handled below, with the user-space path.)
+        if let Found::Complete(path) = &found
+            && node.open == 0
+            && self.passthrough_ok.load(Ordering::Relaxed)
+            && let Ok(data) = File::open(path)
+        {
+            match reply.open_backing(&data) {
+                Ok(backing) => {
+                    let backing = Arc::new(backing);
                     node.mode = IoMode::Passthrough(Arc::downgrade(&backing));
                     node.open += 1;
                     drop(inodes);
                     Stats::add(&self.stats.opens_passthrough, 1);
+                    self.insert_handle(fh, ino, HandleKind::Passthrough(backing.clone()));
                     reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), &backing);
-                    self.insert_handle(fh, ino, HandleKind::Passthrough(backing));
                     return Ok(());
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "passthrough unavailable; serving copies from user space");
+                    self.passthrough_ok.store(false, Ordering::Relaxed);
                 }
             }
         }
@@ -230,13 +237,16 @@ impl ArenaFs {
         node.mode = IoMode::Cached;
         node.open += 1;
         drop(inodes);
-        reply.opened(FileHandle(fh), flags);
+        // The handle exists before the kernel can send a read for it.
         self.insert_handle(fh, ino, kind);
+        reply.opened(FileHandle(fh), flags);
         Ok(())
     }
 
     fn insert_handle(&self, fh: u64, ino: u64, kind: HandleKind) {
-        self.handles.lock().insert(fh, Arc::new(Handle { ino, kind }));
+        self.handles
+            .lock()
+            .insert(fh, Arc::new(Handle { ino, kind }));
     }
 
     fn read_handle(&self, h: &Handle, offset: u64, size: u32) -> Result<Vec<u8>, Errno> {

@@ -1,0 +1,332 @@
+//! Bytes through the mount equal the NAS bytes, on every read path (DESIGN.md §2.1).
+
+use std::fs;
+use std::os::fd::AsRawFd;
+use std::path::Path;
+use std::sync::Arc;
+
+use rand::{Rng, SeedableRng};
+
+use crate::util::{CHUNK, Dirs, Mounted, pread, require_mount, sha256_file};
+
+/// Sizes that exercise the edges: empty, one byte, around one chunk, several chunks plus a tail.
+fn edge_sizes() -> Vec<(String, usize)> {
+    let c = CHUNK as usize;
+    [0, 1, c - 1, c, c + 1, 3 * c + 7]
+        .into_iter()
+        .map(|n| (format!("checkpoints/size_{n}.safetensors"), n))
+        .collect()
+}
+
+fn mmap_read(path: &Path, shared: bool) -> Vec<u8> {
+    let f = fs::File::open(path).unwrap();
+    let len = f.metadata().unwrap().len() as usize;
+    if len == 0 {
+        return Vec::new();
+    }
+    let flags = if shared {
+        libc::MAP_SHARED
+    } else {
+        libc::MAP_PRIVATE
+    };
+    // SAFETY: mapping a file we opened read-only, reading it, unmapping it; the slice does not
+    // outlive the mapping.
+    unsafe {
+        let p = libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ,
+            flags,
+            f.as_raw_fd(),
+            0,
+        );
+        assert_ne!(p, libc::MAP_FAILED, "mmap {}", path.display());
+        let out = std::slice::from_raw_parts(p as *const u8, len).to_vec();
+        libc::munmap(p, len);
+        out
+    }
+}
+
+/// Every kind of read, compared with the NAS content.
+fn check_all_reads(m: &Mounted, files: &[(String, Vec<u8>)], seed: u64) {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    for (rel, data) in files {
+        let p = m.path(rel);
+        assert_eq!(fs::read(&p).unwrap(), *data, "full read of {rel}");
+        assert_eq!(mmap_read(&p, false), *data, "private mmap of {rel}");
+        assert_eq!(mmap_read(&p, true), *data, "shared mmap of {rel}");
+        if data.is_empty() {
+            assert!(pread(&p, 0, 10).is_empty());
+            continue;
+        }
+        for _ in 0..40 {
+            let off = rng.random_range(0..data.len() as u64 + 3);
+            let len = rng.random_range(1..(3 * CHUNK as usize / 2));
+            let got = pread(&p, off, len);
+            let s = (off as usize).min(data.len());
+            let e = (off as usize + len).min(data.len());
+            assert_eq!(got, data[s..e], "pread {rel} at {off} len {len}");
+        }
+        // Straddling every chunk boundary.
+        for b in (CHUNK..data.len() as u64).step_by(CHUNK as usize) {
+            let got = pread(&p, b - 3, 7);
+            let e = (b as usize + 4).min(data.len());
+            assert_eq!(
+                got,
+                data[b as usize - 3..e],
+                "boundary read of {rel} at {b}"
+            );
+        }
+    }
+}
+
+fn files(d: &Dirs) -> Vec<(String, Vec<u8>)> {
+    edge_sizes()
+        .into_iter()
+        .enumerate()
+        .map(|(i, (rel, n))| {
+            let data = d.nas_file(&rel, n, i as u64);
+            (rel, data)
+        })
+        .collect()
+}
+
+#[test]
+fn cold_then_warm_reads_match_the_nas() {
+    require_mount!();
+    let d = Dirs::new();
+    let files = files(&d);
+    let m = d.mount(&["min_size_mb=0"]);
+    // Cold: random reads first, so chunks are filled out of order by readers and the worker.
+    check_all_reads(&m, &files, 1);
+    // Every non-empty file was read, so the worker completes each one.
+    m.wait_copies(files.iter().filter(|(_, d)| !d.is_empty()).count() as u64);
+    let before = m.stats();
+    check_all_reads(&m, &files, 2);
+    let after = m.stats();
+    assert!(
+        after.opens_passthrough > before.opens_passthrough,
+        "warm opens use passthrough: {after:?}"
+    );
+    assert_eq!(
+        after.opens_filling, before.opens_filling,
+        "no warm open refills"
+    );
+    assert_eq!(
+        after.bytes_fetched, before.bytes_fetched,
+        "warm reads fetch nothing"
+    );
+    assert_eq!(after.read_errors, 0);
+}
+
+#[test]
+fn user_space_fallback_serves_correct_bytes() {
+    require_mount!();
+    let d = Dirs::new();
+    let files = files(&d);
+    let m = d.mount(&["min_size_mb=0", "passthrough=0"]);
+    check_all_reads(&m, &files, 3);
+    m.wait_copies(files.iter().filter(|(_, d)| !d.is_empty()).count() as u64);
+    check_all_reads(&m, &files, 4);
+    let s = m.stats();
+    assert_eq!(s.opens_passthrough, 0);
+    assert!(
+        s.opens_ssd > 0,
+        "complete copies served from user space: {s:?}"
+    );
+    assert!(s.bytes_from_ssd > 0);
+    assert_eq!(m.status()["passthrough_available"], false);
+}
+
+#[test]
+fn concurrent_readers_of_one_file() {
+    require_mount!();
+    let d = Dirs::new();
+    let data = Arc::new(d.nas_file("loras/shared.safetensors", 6 * CHUNK as usize + 12345, 9));
+    let m = d.mount(&["min_size_mb=0"]);
+    let path = Arc::new(m.path("loras/shared.safetensors"));
+    let threads: Vec<_> = (0..12)
+        .map(|t| {
+            let (data, path) = (data.clone(), path.clone());
+            std::thread::spawn(move || {
+                let mut rng = rand::rngs::StdRng::seed_from_u64(100 + t);
+                for _ in 0..60 {
+                    let off = rng.random_range(0..data.len() as u64);
+                    let len = rng.random_range(1..2 * CHUNK as usize);
+                    let got = pread(&path, off, len);
+                    let e = (off as usize + len).min(data.len());
+                    assert_eq!(got, data[off as usize..e]);
+                }
+                if t % 3 == 0 {
+                    assert_eq!(fs::read(&*path).unwrap(), *data);
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    m.wait_copies(1);
+    assert!(
+        m.stats().bytes_fetched <= data.len() as u64,
+        "each chunk fetched once"
+    );
+    assert_eq!(
+        sha256_file(&path),
+        sha256_file(&d.nas.join("loras/shared.safetensors"))
+    );
+}
+
+#[test]
+fn small_and_disallowed_files_are_not_cached() {
+    require_mount!();
+    let d = Dirs::new();
+    let small = d.nas_file("checkpoints/tiny.safetensors", 1000, 1);
+    let other = d.nas_file("custom/other.bin", 11_000_000, 2);
+    let big = d.nas_file("loras/big.safetensors", 11_000_000, 3);
+    let m = d.mount(&[]);
+    assert_eq!(
+        fs::read(m.path("checkpoints/tiny.safetensors")).unwrap(),
+        small
+    );
+    assert_eq!(fs::read(m.path("custom/other.bin")).unwrap(), other);
+    let s = m.stats();
+    assert_eq!(
+        (s.opens_nas, s.opens_filling, s.bytes_fetched),
+        (2, 0, 0),
+        "{s:?}"
+    );
+    assert_eq!(fs::read(m.path("loras/big.safetensors")).unwrap(), big);
+    m.wait_copies(1);
+    assert_eq!(m.status()["cache_entries"], 1);
+}
+
+#[test]
+fn changed_nas_file_is_never_served_from_the_stale_copy() {
+    require_mount!();
+    let d = Dirs::new();
+    let rel = "vae/model.safetensors";
+    let size = 2 * CHUNK as usize + 5;
+    d.nas_file(rel, size, 1);
+    let m = d.mount(&["min_size_mb=0", "attr_timeout=0"]);
+    let p = m.path(rel);
+    fs::read(&p).unwrap();
+    m.wait_copies(1);
+
+    // Rewritten in place, same size: only the mtime tells.
+    let v2 = crate::util::random_bytes(size, 2);
+    fs::write(d.nas.join(rel), &v2).unwrap();
+    let t = std::time::SystemTime::now() + std::time::Duration::from_secs(5);
+    fs::File::options()
+        .write(true)
+        .open(d.nas.join(rel))
+        .unwrap()
+        .set_modified(t)
+        .unwrap();
+    assert_eq!(fs::read(&p).unwrap(), v2, "in-place rewrite");
+
+    // Replaced by rename with a different size.
+    let v3 = crate::util::random_bytes(size + 100, 3);
+    fs::write(d.nas.join("vae/tmp"), &v3).unwrap();
+    fs::rename(d.nas.join("vae/tmp"), d.nas.join(rel)).unwrap();
+    assert_eq!(fs::read(&p).unwrap(), v3, "replaced by rename");
+    assert_eq!(mmap_read(&p, true), v3);
+
+    // And across a restart: the index holds the old identity.
+    m.wait_copies(2);
+    drop(m);
+    let v4 = crate::util::random_bytes(size, 4);
+    fs::write(d.nas.join("vae/tmp"), &v4).unwrap();
+    fs::rename(d.nas.join("vae/tmp"), d.nas.join(rel)).unwrap();
+    let m = d.mount(&["min_size_mb=0"]);
+    assert_eq!(
+        fs::read(m.path(rel)).unwrap(),
+        v4,
+        "changed while unmounted"
+    );
+}
+
+#[test]
+fn metadata_matches_the_nas() {
+    require_mount!();
+    let d = Dirs::new();
+    d.nas_file("checkpoints/a/b/deep.safetensors", 100, 1);
+    d.nas_file("loras/x.safetensors", 12_000_000, 2);
+    std::os::unix::fs::symlink(
+        "../loras/x.safetensors",
+        d.nas.join("checkpoints/link.safetensors"),
+    )
+    .unwrap();
+    fs::set_permissions(
+        d.nas.join("loras/x.safetensors"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o640),
+    )
+    .unwrap();
+    let m = d.mount(&[]);
+    let walk = |root: &Path| {
+        let out = std::process::Command::new("find")
+            .arg(".")
+            .args(["-printf", "%p %y %s %m %T@ %l\n"])
+            .current_dir(root)
+            .output()
+            .unwrap();
+        let mut lines: Vec<String> = String::from_utf8(out.stdout)
+            .unwrap()
+            .lines()
+            .filter(|l| !l.starts_with(". "))
+            .map(str::to_string)
+            .collect();
+        lines.sort();
+        lines
+    };
+    assert_eq!(walk(&m.mnt), walk(&d.nas));
+    let via_link = fs::read(m.path("checkpoints/link.safetensors")).unwrap();
+    assert_eq!(
+        via_link,
+        fs::read(d.nas.join("loras/x.safetensors")).unwrap()
+    );
+    let du = |p: &Path| {
+        let o = std::process::Command::new("du")
+            .arg("-sb")
+            .arg(p)
+            .output()
+            .unwrap();
+        String::from_utf8(o.stdout)
+            .unwrap()
+            .split_whitespace()
+            .next()
+            .unwrap()
+            .to_string()
+    };
+    assert_eq!(du(&m.mnt), du(&d.nas));
+}
+
+#[test]
+fn writes_fail_with_erofs() {
+    require_mount!();
+    let d = Dirs::new();
+    d.nas_file("loras/x.safetensors", 10, 1);
+    let m = d.mount(&[]);
+    let erofs = |r: std::io::Result<()>| {
+        assert_eq!(r.unwrap_err().raw_os_error(), Some(libc::EROFS));
+    };
+    erofs(fs::write(m.path("loras/new.safetensors"), b"x"));
+    erofs(
+        fs::OpenOptions::new()
+            .append(true)
+            .open(m.path("loras/x.safetensors"))
+            .map(drop),
+    );
+    erofs(fs::create_dir(m.path("newdir")));
+    erofs(fs::remove_file(m.path("loras/x.safetensors")));
+    erofs(fs::rename(m.path("loras/x.safetensors"), m.path("loras/y")));
+    erofs(std::os::unix::fs::symlink("x", m.path("loras/l")));
+    erofs(fs::set_permissions(
+        m.path("loras/x.safetensors"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    ));
+    assert_eq!(
+        fs::read(d.nas.join("loras/x.safetensors")).unwrap().len(),
+        10
+    );
+}
