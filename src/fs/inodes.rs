@@ -57,6 +57,9 @@ pub struct Node {
     /// Identity of the file at the last open: when it is unchanged, the kernel may keep its page
     /// cache for the inode (`FOPEN_KEEP_CACHE`).
     pub last_identity: Option<Identity>,
+    /// For a directory: its mtime (s, ns) when it was last opened, to let the kernel keep its
+    /// cached listing while the directory is unchanged.
+    pub dir_mtime: Option<(i64, i64)>,
 }
 
 impl Node {
@@ -67,6 +70,7 @@ impl Node {
             open: 0,
             mode: IoMode::Idle,
             last_identity: None,
+            dir_mtime: None,
         }
     }
 }

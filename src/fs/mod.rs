@@ -24,8 +24,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use fuser::{
     AccessFlags, BackingId, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags,
     Generation, INodeNo, InitFlags, KernelConfig, LockOwner, OpenAccMode, OpenFlags, ReplyAttr,
-    ReplyCreate, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs,
-    ReplyWrite, Request, TimeOrNow, WriteFlags,
+    ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen,
+    ReplyStatfs, ReplyWrite, Request, TimeOrNow, WriteFlags,
 };
 use nix::sys::stat::FileStat;
 use parking_lot::Mutex;
@@ -56,8 +56,14 @@ enum HandleKind {
     Nas(File),
 }
 
-/// A directory listing taken at `opendir`: (name, type, inode).
+/// A directory listing: (name, type, inode).
 type DirListing = Vec<(std::ffi::OsString, FileType, u64)>;
+
+/// An open directory; listed from the NAS at the first `readdir`.
+struct DirHandle {
+    rel: PathBuf,
+    listing: Mutex<Option<Arc<DirListing>>>,
+}
 
 struct Handle {
     ino: u64,
@@ -76,7 +82,7 @@ pub struct ArenaFs {
     root_ino: u64,
     inodes: Mutex<Inodes>,
     handles: Mutex<HashMap<u64, Arc<Handle>>>,
-    dirs: Mutex<HashMap<u64, Arc<DirListing>>>,
+    dirs: Mutex<HashMap<u64, Arc<DirHandle>>>,
     next_fh: AtomicU64,
     passthrough_ok: Arc<AtomicBool>,
 }
@@ -243,6 +249,27 @@ impl ArenaFs {
         Ok(())
     }
 
+    /// The listing of an open directory, read from the NAS on first use.
+    fn listing(&self, fh: FileHandle) -> Result<(PathBuf, Arc<DirListing>), Errno> {
+        let dir = self.dirs.lock().get(&fh.0).cloned().ok_or(Errno::EBADF)?;
+        let mut listing = dir.listing.lock();
+        if let Some(l) = listing.as_ref() {
+            return Ok((dir.rel.clone(), l.clone()));
+        }
+        let entries: DirListing = self
+            .nas
+            .read_dir(&dir.rel)?
+            .into_iter()
+            .map(|(name, kind, d_ino)| {
+                let ino = ino_for(self.root_dev, self.root_ino, self.root_dev, d_ino);
+                (name, file_type(kind), ino)
+            })
+            .collect();
+        let entries = Arc::new(entries);
+        *listing = Some(entries.clone());
+        Ok((dir.rel.clone(), entries))
+    }
+
     fn insert_handle(&self, fh: u64, ino: u64, kind: HandleKind) {
         self.handles
             .lock()
@@ -348,6 +375,10 @@ impl Filesystem for ArenaFs {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
         let _ = config.set_max_readahead(MAX_READAHEAD);
         let _ = config.set_max_background(64);
+        // Directory listings with attributes, when the kernel sees they will be used (a walk
+        // that stats), plain ones otherwise (ComfyUI's scans only need d_type).
+        let _ = config
+            .add_capabilities(InitFlags::FUSE_DO_READDIRPLUS | InitFlags::FUSE_READDIRPLUS_AUTO);
         if self.opts.passthrough
             && config.add_capabilities(InitFlags::FUSE_PASSTHROUGH).is_ok()
             && config.set_max_stack_depth(1).is_ok()
@@ -478,17 +509,33 @@ impl Filesystem for ArenaFs {
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
         let rel = try_reply!(reply, self.path(ino));
-        let list = try_reply!(reply, self.nas.read_dir(&rel));
-        let entries = list
-            .into_iter()
-            .map(|(name, kind, d_ino)| {
-                let ino = ino_for(self.root_dev, self.root_ino, self.root_dev, d_ino);
-                (name, file_type(kind), ino)
-            })
-            .collect();
+        let st = try_reply!(reply, self.nas.stat(&rel));
+        if st.st_mode & libc::S_IFMT != libc::S_IFDIR {
+            reply.error(Errno::ENOTDIR);
+            return;
+        }
+        // The kernel may keep its cached listing while the directory's mtime is unchanged
+        // (every create, unlink and rename in it changes the mtime). The NAS is listed only
+        // when the kernel asks for entries.
+        let mtime = (st.st_mtime, st.st_mtime_nsec);
+        let keep = {
+            let mut inodes = self.inodes.lock();
+            let node = try_reply!(reply, inodes.get_mut(ino.0).ok_or(Errno::ESTALE));
+            node.dir_mtime.replace(mtime) == Some(mtime)
+        };
         let fh = self.new_fh();
-        self.dirs.lock().insert(fh, Arc::new(entries));
-        reply.opened(FileHandle(fh), FopenFlags::empty());
+        self.dirs.lock().insert(
+            fh,
+            Arc::new(DirHandle {
+                rel,
+                listing: Mutex::new(None),
+            }),
+        );
+        let mut flags = FopenFlags::FOPEN_CACHE_DIR;
+        if keep {
+            flags |= FopenFlags::FOPEN_KEEP_CACHE;
+        }
+        reply.opened(FileHandle(fh), flags);
     }
 
     fn readdir(
@@ -499,10 +546,7 @@ impl Filesystem for ArenaFs {
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
-        let Some(entries) = self.dirs.lock().get(&fh.0).cloned() else {
-            reply.error(Errno::EBADF);
-            return;
-        };
+        let (_, entries) = try_reply!(reply, self.listing(fh));
         let dots = [
             (OsStr::new("."), FileType::Directory, ino.0),
             (OsStr::new(".."), FileType::Directory, ROOT_INO),
@@ -512,6 +556,47 @@ impl Filesystem for ArenaFs {
             .chain(entries.iter().map(|(n, k, i)| (n.as_os_str(), *k, *i)));
         for (i, (name, kind, ino)) in all.enumerate().skip(offset as usize) {
             if reply.add(INodeNo(ino), i as u64 + 1, kind, name) {
+                break;
+            }
+        }
+        reply.ok();
+    }
+
+    fn readdirplus(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectoryPlus,
+    ) {
+        let (dir, entries) = try_reply!(reply, self.listing(fh));
+        let ttl = self.opts.attr_ttl;
+        if offset < 2 {
+            // "." and "..": the kernel takes no lookup reference for them.
+            let mut attr = self.attr(&try_reply!(reply, self.nas.stat(&dir)));
+            attr.ino = ino;
+            for (i, name) in [".", ".."].into_iter().enumerate().skip(offset as usize) {
+                if reply.add(attr.ino, i as u64 + 1, name, &ttl, &attr, Generation(0)) {
+                    reply.ok();
+                    return;
+                }
+            }
+        }
+        for (i, (name, _, _)) in entries
+            .iter()
+            .enumerate()
+            .skip(offset.saturating_sub(2) as usize)
+        {
+            let rel = dir.join(name);
+            let Ok(st) = self.nas.stat(&rel) else {
+                continue; // vanished since opendir
+            };
+            let attr = self.attr(&st);
+            // Every entry sent with attributes counts as a lookup.
+            self.inodes.lock().remember(attr.ino.0, &rel);
+            if reply.add(attr.ino, i as u64 + 3, name, &ttl, &attr, Generation(0)) {
+                self.inodes.lock().forget(attr.ino.0, 1); // did not fit: not sent
                 break;
             }
         }

@@ -299,6 +299,22 @@ fn metadata_matches_the_nas() {
             .to_string()
     };
     assert_eq!(du(&m.mnt), du(&d.nas));
+
+    // Listings are cached by the kernel only while the directory is unchanged.
+    let names = |p: &Path| {
+        let mut v: Vec<_> = fs::read_dir(p)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        v.sort();
+        v
+    };
+    assert_eq!(names(&m.path("loras")), names(&d.nas.join("loras")));
+    d.nas_file("loras/new.safetensors", 5, 3);
+    assert_eq!(names(&m.path("loras")), names(&d.nas.join("loras")));
+    fs::remove_file(d.nas.join("loras/new.safetensors")).unwrap();
+    assert_eq!(names(&m.path("loras")), names(&d.nas.join("loras")));
+    assert_eq!(names(&m.path("loras")).len(), 1);
 }
 
 #[test]
