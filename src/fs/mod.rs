@@ -184,11 +184,7 @@ impl ArenaFs {
             };
             node.open += 1;
             drop(inodes);
-            Stats::add(&self.stats.opens_passthrough, 1);
-            // The handle exists before the kernel can use it. FOPEN_KEEP_CACHE is not allowed
-            // with passthrough.
-            self.insert_handle(fh, ino, HandleKind::Passthrough(backing.clone()));
-            reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), &backing);
+            self.reply_passthrough(fh, ino, backing, reply);
             return Ok(());
         }
 
@@ -205,9 +201,7 @@ impl ArenaFs {
                     node.mode = IoMode::Passthrough(Arc::downgrade(&backing));
                     node.open += 1;
                     drop(inodes);
-                    Stats::add(&self.stats.opens_passthrough, 1);
-                    self.insert_handle(fh, ino, HandleKind::Passthrough(backing.clone()));
-                    reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), &backing);
+                    self.reply_passthrough(fh, ino, backing, reply);
                     return Ok(());
                 }
                 Err(e) => {
@@ -247,6 +241,14 @@ impl ArenaFs {
         self.insert_handle(fh, ino, kind);
         reply.opened(FileHandle(fh), flags);
         Ok(())
+    }
+
+    fn reply_passthrough(&self, fh: u64, ino: u64, backing: Arc<BackingId>, reply: ReplyOpen) {
+        Stats::add(&self.stats.opens_passthrough, 1);
+        // The handle exists before the kernel can use it. FOPEN_KEEP_CACHE is not allowed with
+        // passthrough.
+        self.insert_handle(fh, ino, HandleKind::Passthrough(backing.clone()));
+        reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), &backing);
     }
 
     /// The listing of an open directory, read from the NAS on first use.

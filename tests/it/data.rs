@@ -346,3 +346,67 @@ fn writes_fail_with_erofs() {
         10
     );
 }
+
+#[test]
+fn ordinary_tools_and_python_see_the_nas() {
+    require_mount!();
+    let d = Dirs::new();
+    d.nas_file("checkpoints/sd.safetensors", 3 * CHUNK as usize + 11, 1);
+    d.nas_file("text_encoders/t5.gguf", 0, 2);
+    let m = d.mount(&["min_size_mb=0"]);
+    let sh = |script: &str, dir: &Path| {
+        let out = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(script)
+            .current_dir(dir)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{script}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    // ls -la (without the "total" line, whose block count may differ), stat, sha256sum, cat | wc.
+    let listing = "ls -la --time-style=full-iso checkpoints text_encoders | grep -v '^total' | grep -v ' \\.\\.\\?$'; \
+                   stat -c '%n %s %a %Y %F' checkpoints/sd.safetensors text_encoders/t5.gguf; \
+                   sha256sum checkpoints/sd.safetensors; cat checkpoints/sd.safetensors | wc -c";
+    assert_eq!(sh(listing, &m.mnt), sh(listing, &d.nas));
+    // cp out of the mount.
+    let copy = d.tmp.path().join("copy");
+    sh(
+        &format!("cp checkpoints/sd.safetensors {}", copy.display()),
+        &m.mnt,
+    );
+    assert_eq!(
+        sha256_file(&copy),
+        sha256_file(&d.nas.join("checkpoints/sd.safetensors"))
+    );
+    // Python open() and mmap (MAP_SHARED read-only, as numpy.memmap and gguf use it).
+    let py = "import hashlib, mmap, sys\n\
+              with open(sys.argv[1], 'rb') as f:\n\
+              \x20   a = hashlib.sha256(f.read()).hexdigest()\n\
+              with open(sys.argv[1], 'rb') as f:\n\
+              \x20   m = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)\n\
+              \x20   b = hashlib.sha256(m[:]).hexdigest()\n\
+              print(a, b)\n";
+    let run_py = |p: &Path| {
+        let out = std::process::Command::new("python3")
+            .arg("-c")
+            .arg(py)
+            .arg(p)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let want = run_py(&d.nas.join("checkpoints/sd.safetensors"));
+    assert_eq!(run_py(&m.path("checkpoints/sd.safetensors")), want);
+    m.wait_copies(1);
+    assert_eq!(run_py(&m.path("checkpoints/sd.safetensors")), want, "warm");
+}
