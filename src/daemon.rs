@@ -10,10 +10,11 @@ use anyhow::{Context, Result, bail};
 use nix::sys::signal::{SigSet, Signal};
 
 use crate::cache::{Cache, Store};
+use crate::config::{self, Live, Loaded};
 use crate::control;
 use crate::fs::{ArenaFs, FsOptions};
-use crate::mount::{self, MountOptions};
-use crate::options::MountConfig;
+use crate::mount::{self, KernelOptions};
+use crate::options::MountOptions;
 use crate::source::{IdentityRule, Nas};
 use crate::stats::Stats;
 use crate::worker::Worker;
@@ -26,7 +27,16 @@ pub const CHUNK_SIZE: u64 = 4 << 20;
 pub const READY_FD_ENV: &str = "ARENAFS_READY_FD";
 
 /// Mounts `nas` at `mountpoint` and serves it until it is unmounted or a signal arrives.
-pub fn run(nas_dir: &Path, mountpoint: &Path, cfg: &MountConfig) -> Result<()> {
+pub fn run(
+    nas_dir: &Path,
+    mountpoint: &Path,
+    cfg: &MountOptions,
+    loaded: Loaded,
+    _inputs: config::Inputs,
+) -> Result<()> {
+    for w in &loaded.warnings {
+        tracing::warn!("config: {w}");
+    }
     let nas = Nas::open(nas_dir).with_context(|| format!("NAS directory {}", nas_dir.display()))?;
     if !nas
         .stat(Path::new(""))
@@ -38,9 +48,11 @@ pub fn run(nas_dir: &Path, mountpoint: &Path, cfg: &MountConfig) -> Result<()> {
     let nas = Arc::new(nas);
     let mountpoint = mount::absolute(mountpoint)?;
     mount::prepare_mountpoint(&mountpoint)?;
-    let Some(cache_dir) = cfg.cache_dir.clone() else {
-        bail!("no cache directory: give --cache-dir DIR (or -o cache_dir=DIR)");
+    let Some(cache_dir) = loaded.settings.cache_dir.clone() else {
+        bail!("no cache directory: give --cache-dir DIR (or set ARENA_CACHE_ROOT)");
     };
+    let live = Arc::new(Live::new(loaded.settings.clone()));
+    tracing::info!(state = ?loaded.settings.state(), env_file = ?loaded.env_file, "settings loaded");
     let store = Store::open(&cache_dir)?;
     tracing::info!(entries = store.len(), dir = %store.dir().display(), "cache index loaded");
 
@@ -53,18 +65,13 @@ pub fn run(nas_dir: &Path, mountpoint: &Path, cfg: &MountConfig) -> Result<()> {
 
     let stats = Arc::new(Stats::default());
     let cache = Cache::new(store, IdentityRule::SizeMtimeIno, CHUNK_SIZE);
-    let worker = Worker::start(
-        cfg.max_concurrency,
-        nas.clone(),
-        cache.clone(),
-        stats.clone(),
-    );
+    let worker = Worker::start(live.clone(), nas.clone(), cache.clone(), stats.clone());
     let passthrough = Arc::new(AtomicBool::new(false));
     let fs = ArenaFs::new(
         nas.clone(),
         cache.clone(),
         worker.clone(),
-        cfg.policy(),
+        live.clone(),
         stats.clone(),
         FsOptions {
             attr_ttl: cfg.attr_ttl,
@@ -76,7 +83,7 @@ pub fn run(nas_dir: &Path, mountpoint: &Path, cfg: &MountConfig) -> Result<()> {
     let dev = mount::mount(
         nas_dir,
         &mountpoint,
-        &MountOptions {
+        &KernelOptions {
             allow_other: cfg.allow_other,
             default_permissions: cfg.default_permissions,
             read_only: cfg.read_only,

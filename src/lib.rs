@@ -3,7 +3,8 @@
 //!
 //! # Layout
 //! - [`source`]: NAS access (stat, open, list) and file identity.
-//! - [`policy`]: which files are cached (category, size floor).
+//! - [`config`]: settings from the env file, the environment and options.
+//! - [`policy`]: which files are cached (category, size floor, excludes, state).
 //! - [`cache`]: the SSD cache: layout, index, chunk maps, live copies being filled.
 //! - [`worker`]: background completion of copies.
 //! - [`fs`]: the FUSE adapter.
@@ -14,6 +15,7 @@
 //! - [`stats`]: counters of a daemon run.
 
 pub mod cache;
+pub mod config;
 pub mod control;
 pub mod daemon;
 pub mod fs;

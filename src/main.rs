@@ -8,8 +8,9 @@ use std::process::ExitCode;
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 
+use arenafs::config;
 use arenafs::daemon::{self, READY_FD_ENV};
-use arenafs::options::MountConfig;
+use arenafs::options::MountOptions;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -35,17 +36,36 @@ enum Command {
         /// The mount point.
         mountpoint: PathBuf,
     },
+    /// Work with the configuration.
+    Config {
+        #[command(subcommand)]
+        command: ConfigCommand,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum ConfigCommand {
+    /// Print the effective settings, where each came from, and every warning. Exit 1 only when
+    /// the file cannot be read or the settings cannot work.
+    Check {
+        /// The env file [default: $ARENA_ENV_FILE, else /etc/arenafs/arenafs.env if present].
+        file: Option<PathBuf>,
+    },
 }
 
 #[derive(clap::Args, Debug)]
 struct MountArgs {
-    /// The NAS directory to present.
-    nas: PathBuf,
-    /// Where to mount it (ComfyUI's models directory).
-    mountpoint: PathBuf,
-    /// SSD cache directory (arenafs keeps its data in a versioned subdirectory).
+    /// `[NAS] MOUNTPOINT`: the NAS directory to present (default: ARENA_NAS_ROOT) and where to
+    /// mount it (ComfyUI's models directory).
+    #[arg(num_args = 1..=2, required = true, value_names = ["NAS", "MOUNTPOINT"])]
+    paths: Vec<PathBuf>,
+    /// SSD cache directory (arenafs keeps its data in a versioned subdirectory) [default:
+    /// ARENA_CACHE_ROOT].
     #[arg(long)]
     cache_dir: Option<PathBuf>,
+    /// The env file with the settings [default: $ARENA_ENV_FILE, else /etc/arenafs/arenafs.env].
+    #[arg(long)]
+    env: Option<PathBuf>,
     /// Mount options, comma-separated (every flag has an -o twin: cache_dir=DIR, ...).
     #[arg(short = 'o', action = clap::ArgAction::Append)]
     options: Vec<String>,
@@ -54,10 +74,11 @@ struct MountArgs {
     foreground: bool,
     /// Files below this size (MB) are read from the NAS without caching [default: 10].
     #[arg(long)]
-    min_size_mb: Option<u64>,
-    /// Categories to cache, comma-separated (keys or folder names) [default: the model folders].
-    #[arg(long, value_delimiter = ',')]
-    categories: Option<Vec<String>>,
+    min_size_mb: Option<String>,
+    /// Categories to cache, comma-separated (keys or folder names), added to the defaults
+    /// unless ARENA_CACHE_CATEGORIES_MODE=override.
+    #[arg(long)]
+    categories: Option<String>,
     /// Control socket [default: /run/arenafs/<escaped mount point>.sock].
     #[arg(long)]
     socket: Option<PathBuf>,
@@ -78,7 +99,7 @@ struct SocketArgs {
 /// `mount.fuse3` runs `arenafs NAS MOUNTPOINT -o OPTS`: treat a first argument that is not a
 /// subcommand as `mount`.
 fn normalise_args(mut args: Vec<String>) -> Vec<String> {
-    const COMMANDS: &[&str] = &["mount", "stats", "status", "unmount", "help"];
+    const COMMANDS: &[&str] = &["mount", "stats", "status", "unmount", "config", "help"];
     if let Some(first) = args.get(1)
         && !first.starts_with('-')
         && !COMMANDS.contains(&first.as_str())
@@ -98,7 +119,6 @@ fn main() -> ExitCode {
             return ExitCode::from(code);
         }
     };
-    init_logging();
     match run(cli, &args) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -109,9 +129,15 @@ fn main() -> ExitCode {
     }
 }
 
-fn init_logging() {
+/// Logs to stderr (the journal under systemd); `RUST_LOG` wins over `ARENA_CACHE_VERBOSE`.
+fn init_logging(verbose: bool) {
     use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let default = if verbose {
+        "arenafs=debug,info"
+    } else {
+        "info"
+    };
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
@@ -120,6 +146,9 @@ fn init_logging() {
 }
 
 fn run(cli: Cli, args: &[String]) -> Result<()> {
+    if !matches!(cli.command, Command::Mount(_)) {
+        init_logging(false);
+    }
     match cli.command {
         Command::Mount(m) => mount(m, args),
         Command::Stats(s) => print_get(&s, "/arena/stats"),
@@ -129,37 +158,110 @@ fn run(cli: Cli, args: &[String]) -> Result<()> {
                 .with_context(|| format!("unmounting {}", mountpoint.display()))?;
             Ok(())
         }
+        Command::Config {
+            command: ConfigCommand::Check { file },
+        } => config_check(file),
     }
 }
 
+fn config_check(file: Option<PathBuf>) -> Result<()> {
+    let loaded = config::load(&config::Inputs::from_process(file, Vec::new()))?;
+    match &loaded.env_file {
+        Some(p) => println!("env file: {}", p.display()),
+        None => println!("env file: none (built-in defaults and the environment)"),
+    }
+    let s = &loaded.settings;
+    println!("state: {:?}", s.state());
+    for k in config::KEYS {
+        println!(
+            "{:32} = {:40} ({})",
+            k.env,
+            config::display_value(s, k.env),
+            loaded.source_of(k.env)
+        );
+    }
+    for w in &loaded.warnings {
+        println!("warning: {w}");
+    }
+    match &s.cache_dir {
+        None => bail!("no cache directory: set ARENA_CACHE_ROOT (or give --cache-dir)"),
+        Some(dir) => {
+            let usable = if dir.exists() {
+                dir.is_dir()
+                    && nix::unistd::access(
+                        dir,
+                        nix::unistd::AccessFlags::W_OK | nix::unistd::AccessFlags::X_OK,
+                    )
+                    .is_ok()
+            } else {
+                // Creatable when its nearest existing ancestor is a writable directory.
+                dir.ancestors().find(|a| a.exists()).is_some_and(|a| {
+                    a.is_dir() && nix::unistd::access(a, nix::unistd::AccessFlags::W_OK).is_ok()
+                })
+            };
+            if !usable {
+                bail!(
+                    "cache directory {} is not usable (not a writable directory)",
+                    dir.display()
+                );
+            }
+        }
+    }
+    println!("ok: {} warning(s)", loaded.warnings.len());
+    Ok(())
+}
+
 fn mount(m: MountArgs, args: &[String]) -> Result<()> {
-    let mut cfg = MountConfig::default();
+    let mut mopts = MountOptions::default();
     for o in &m.options {
-        cfg.apply_opts(o).map_err(anyhow::Error::msg)?;
+        mopts.apply_opts(o).map_err(anyhow::Error::msg)?;
     }
-    if let Some(d) = m.cache_dir {
-        cfg.cache_dir = Some(d);
-    }
-    if let Some(mb) = m.min_size_mb {
-        cfg.min_size = mb * 1000 * 1000;
-    }
-    if let Some(c) = m.categories {
-        cfg.categories = c;
+    // Flags are settings given as options; they come after -o, so they win.
+    for (key, value) in [
+        ("cache_root", m.cache_dir.map(|p| p.display().to_string())),
+        ("cache_min_size_mb", m.min_size_mb),
+        (
+            "cache_categories",
+            m.categories.map(|c| c.replace(',', ":")),
+        ),
+    ] {
+        if let Some(v) = value {
+            mopts.settings.push((key.to_string(), v));
+        }
     }
     if let Some(s) = m.socket {
-        cfg.socket = Some(s);
+        mopts.socket = Some(s);
     }
     if let Some(l) = m.log_file {
-        cfg.log_file = Some(l);
+        mopts.log_file = Some(l);
     }
+    if let Some(e) = m.env {
+        mopts.env_file = Some(e);
+    }
+    let inputs = config::Inputs::from_process(mopts.env_file.clone(), mopts.settings.clone());
+    let loaded = config::load(&inputs)?;
+    init_logging(loaded.settings.verbose);
+    let (nas, mountpoint) = match m.paths.as_slice() {
+        [nas, mnt] => (nas.clone(), mnt.clone()),
+        [mnt] => match &loaded.settings.nas_root {
+            Some(nas) => (nas.clone(), mnt.clone()),
+            None => {
+                bail!("no NAS directory: give `arenafs mount NAS MOUNTPOINT` or set ARENA_NAS_ROOT")
+            }
+        },
+        _ => unreachable!("clap takes 1 or 2 paths"),
+    };
     if m.foreground {
-        return daemon::run(&m.nas, &m.mountpoint, &cfg);
+        return daemon::run(&nas, &mountpoint, &mopts, loaded, inputs);
     }
-    let log = cfg.log_file.clone().unwrap_or_else(|| {
+    for w in &loaded.warnings {
+        eprintln!("arenafs: warning: {w}");
+    }
+    let log = mopts.log_file.clone().unwrap_or_else(|| {
         PathBuf::from("/var/log/arenafs").join(format!(
             "{}.log",
             arenafs::mount::systemd_escape_path(
-                &arenafs::mount::absolute(&m.mountpoint).unwrap_or(m.mountpoint.clone())
+                &arenafs::mount::absolute(&mountpoint).unwrap_or(mountpoint.clone())
             )
         ))
     });

@@ -40,7 +40,7 @@ pub enum MountError {
 
 /// Kernel-level mount options.
 #[derive(Clone, Debug)]
-pub struct MountOptions {
+pub struct KernelOptions {
     /// Let users other than root use the mount (ComfyUI usually runs as another user).
     pub allow_other: bool,
     /// Let the kernel check permissions from the file modes.
@@ -164,7 +164,11 @@ pub fn prepare_mountpoint(mountpoint: &Path) -> Result<(), MountError> {
 
 /// Mounts a FUSE file system of type `fuse.arenafs` at `mountpoint` and returns the `/dev/fuse`
 /// descriptor to serve it with.
-pub fn mount(source: &Path, mountpoint: &Path, opts: &MountOptions) -> Result<OwnedFd, MountError> {
+pub fn mount(
+    source: &Path,
+    mountpoint: &Path,
+    opts: &KernelOptions,
+) -> Result<OwnedFd, MountError> {
     let fail = |source: io::Error| MountError::Mount {
         path: mountpoint.to_path_buf(),
         source,

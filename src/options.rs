@@ -1,21 +1,19 @@
-//! Mount options: `-o` strings (as `mount.fuse3` and fstab pass them) and their flag twins.
+//! Mount options: `-o` strings (as `mount.fuse3` and fstab pass them).
+//!
+//! An option is either a mount-level option handled here (FUSE and kernel flags, the socket, the
+//! env file) or a setting (any key of [`crate::config::KEYS`] by its `-o` name), which is passed on
+//! to the configuration loader. Anything else is refused with a message, never ignored.
 
 use std::path::PathBuf;
 use std::time::Duration;
 
 use nix::mount::MsFlags;
 
-use crate::policy::{DEFAULT_CATEGORIES, DEFAULT_MIN_SIZE, Policy};
+use crate::config;
 
-/// Everything a mount is configured with.
+/// Mount-level options (everything that is not a cache setting).
 #[derive(Clone, Debug)]
-pub struct MountConfig {
-    /// SSD cache directory.
-    pub cache_dir: Option<PathBuf>,
-    /// Size floor in bytes.
-    pub min_size: u64,
-    /// Allowed categories.
-    pub categories: Vec<String>,
+pub struct MountOptions {
     /// `allow_other` (default on).
     pub allow_other: bool,
     /// `default_permissions` (default on).
@@ -30,20 +28,19 @@ pub struct MountConfig {
     pub attr_ttl: Duration,
     /// Control socket path (default from the mount point).
     pub socket: Option<PathBuf>,
-    /// Concurrent background copies.
-    pub max_concurrency: usize,
     /// FUSE request threads.
     pub threads: usize,
     /// Log file of a background daemon.
     pub log_file: Option<PathBuf>,
+    /// `env=FILE`: the env file to read.
+    pub env_file: Option<PathBuf>,
+    /// Settings given as options, in order: (name, value).
+    pub settings: Vec<(String, String)>,
 }
 
-impl Default for MountConfig {
+impl Default for MountOptions {
     fn default() -> Self {
         Self {
-            cache_dir: None,
-            min_size: DEFAULT_MIN_SIZE,
-            categories: DEFAULT_CATEGORIES.iter().map(|s| s.to_string()).collect(),
             allow_other: true,
             default_permissions: true,
             read_only: false,
@@ -51,19 +48,15 @@ impl Default for MountConfig {
             passthrough: true,
             attr_ttl: Duration::from_secs(1),
             socket: None,
-            max_concurrency: 2,
             threads: 8,
             log_file: None,
+            env_file: None,
+            settings: Vec::new(),
         }
     }
 }
 
-impl MountConfig {
-    /// The caching policy these options describe.
-    pub fn policy(&self) -> Policy {
-        Policy::new(self.categories.iter().map(String::as_str), self.min_size)
-    }
-
+impl MountOptions {
     /// Applies one comma-separated `-o` string. Unknown options are refused, not ignored.
     pub fn apply_opts(&mut self, opts: &str) -> Result<(), String> {
         for opt in opts.split(',').filter(|o| !o.is_empty()) {
@@ -79,26 +72,31 @@ impl MountConfig {
         };
         let need = |_: ()| value.ok_or_else(|| format!("option {key} needs a value ({key}=...)"));
         match key {
-            "cache_dir" => self.cache_dir = Some(PathBuf::from(need(())?)),
             "socket" => self.socket = Some(PathBuf::from(need(())?)),
             "log_file" => self.log_file = Some(PathBuf::from(need(())?)),
-            "min_size_mb" | "cache_min_size_mb" => {
-                self.min_size = parse_num(key, need(())?)? * 1000 * 1000
+            "env" => self.env_file = Some(PathBuf::from(need(())?)),
+            "passthrough" => {
+                self.passthrough =
+                    config::boolean(need(())?).map_err(|e| format!("option {key}: {e}"))?
             }
-            "categories" | "cache_categories" => {
-                // `,` separates -o options, so lists use `:` there.
-                self.categories = need(())?
-                    .split([':', '+'])
-                    .filter(|s| !s.is_empty())
-                    .map(str::to_string)
-                    .collect()
+            "attr_timeout" => {
+                let v = need(())?;
+                let secs = v
+                    .trim()
+                    .parse::<f64>()
+                    .ok()
+                    .filter(|f| f.is_finite() && *f >= 0.0 && *f < 1e9)
+                    .ok_or_else(|| format!("option {key}: '{v}' is not a non-negative number"))?;
+                self.attr_ttl = Duration::from_secs_f64(secs);
             }
-            "passthrough" => self.passthrough = parse_bool(key, need(())?)?,
-            "attr_timeout" => self.attr_ttl = Duration::from_secs_f64(parse_f64(key, need(())?)?),
-            "max_concurrency" | "cache_max_concurrency" => {
-                self.max_concurrency = parse_num(key, need(())?)?.max(1) as usize
+            "threads" => {
+                let v = need(())?;
+                let n: usize = v
+                    .trim()
+                    .parse()
+                    .map_err(|_| format!("option {key}: '{v}' is not a whole number"))?;
+                self.threads = n.clamp(1, 256);
             }
-            "threads" => self.threads = parse_num(key, need(())?)?.clamp(1, 256) as usize,
             "allow_other" => self.allow_other = true,
             "noallow_other" | "no_allow_other" => self.allow_other = false,
             "default_permissions" => self.default_permissions = true,
@@ -116,33 +114,12 @@ impl MountConfig {
             | "exec" | "atime" | "nosuid" | "nodev" | "async" | "sync" | "suid" | "dev"
             | "fsname" | "subtype" => {}
             k if k.starts_with("x-") || k.starts_with("comment=") => {}
+            k if config::find_key(k).is_some() => {
+                self.settings.push((k.to_string(), need(())?.to_string()));
+            }
             _ => return Err(format!("unknown mount option '{opt}'")),
         }
         Ok(())
-    }
-}
-
-fn parse_num(key: &str, v: &str) -> Result<u64, String> {
-    v.trim()
-        .parse()
-        .map_err(|_| format!("option {key}: '{v}' is not a whole number"))
-}
-
-fn parse_f64(key: &str, v: &str) -> Result<f64, String> {
-    v.trim()
-        .parse::<f64>()
-        .ok()
-        .filter(|f| f.is_finite() && *f >= 0.0)
-        .ok_or_else(|| format!("option {key}: '{v}' is not a non-negative number"))
-}
-
-fn parse_bool(key: &str, v: &str) -> Result<bool, String> {
-    match v.trim().to_ascii_lowercase().as_str() {
-        "1" | "true" | "yes" | "on" => Ok(true),
-        "0" | "false" | "no" | "off" => Ok(false),
-        _ => Err(format!(
-            "option {key}: '{v}' is not a boolean (1/0/true/false/yes/no)"
-        )),
     }
 }
 
@@ -152,21 +129,28 @@ mod tests {
 
     #[test]
     fn fstab_style_options() {
-        let mut c = MountConfig::default();
-        c.apply_opts("cache_dir=/ssd/a,allow_other,_netdev,nofail,x-systemd.requires-mounts-for=/mnt/nas,min_size_mb=0,categories=loras:unet,noatime,rw")
+        let mut c = MountOptions::default();
+        c.apply_opts("cache_dir=/ssd/a,env=/etc/arenafs/models.env,allow_other,_netdev,nofail,x-systemd.requires-mounts-for=/mnt/nas,min_size_mb=0,categories=loras:unet,noatime,rw,cache_max_gb=50")
             .unwrap();
-        assert_eq!(c.cache_dir.as_deref(), Some(std::path::Path::new("/ssd/a")));
-        assert_eq!(c.min_size, 0);
-        assert_eq!(c.categories, ["loras", "unet"]);
+        assert_eq!(
+            c.env_file.as_deref(),
+            Some(std::path::Path::new("/etc/arenafs/models.env"))
+        );
         assert!(c.flags.contains(MsFlags::MS_NOATIME));
-        assert!(
-            c.policy().decide("diffusion_models/x".as_ref(), 1) == crate::policy::Decision::Cache
+        assert_eq!(
+            c.settings,
+            [
+                ("cache_dir".to_string(), "/ssd/a".to_string()),
+                ("min_size_mb".into(), "0".into()),
+                ("categories".into(), "loras:unet".into()),
+                ("cache_max_gb".into(), "50".into())
+            ]
         );
     }
 
     #[test]
     fn defaults_and_overrides() {
-        let mut c = MountConfig::default();
+        let mut c = MountOptions::default();
         assert!(c.allow_other && c.default_permissions && c.passthrough);
         c.apply_opts("noallow_other,nodefault_permissions,passthrough=0,attr_timeout=0.5")
             .unwrap();
@@ -179,15 +163,16 @@ mod tests {
         for bad in [
             "bogus",
             "cache_dir",
-            "min_size_mb=ten",
             "passthrough=maybe",
             "attr_timeout=-1",
+            "threads=x",
+            "env",
         ] {
-            let err = MountConfig::default().apply_opts(bad).unwrap_err();
+            let err = MountOptions::default().apply_opts(bad).unwrap_err();
             assert!(!err.is_empty(), "{bad}");
         }
         assert!(
-            MountConfig::default()
+            MountOptions::default()
                 .apply_opts("bogus")
                 .unwrap_err()
                 .contains("unknown mount option 'bogus'")

@@ -26,6 +26,52 @@ pub const DEFAULT_CATEGORIES: &[&str] = &[
     "audio_encoders",
 ];
 
+/// Category keys ComfyUI and popular custom nodes know (COMFYUI.md §1); others draw a warning.
+pub const KNOWN_CATEGORIES: &[&str] = &[
+    "checkpoints",
+    "configs",
+    "loras",
+    "vae",
+    "text_encoders",
+    "diffusion_models",
+    "clip_vision",
+    "style_models",
+    "embeddings",
+    "diffusers",
+    "vae_approx",
+    "controlnet",
+    "gligen",
+    "upscale_models",
+    "hypernetworks",
+    "photomaker",
+    "classifiers",
+    "model_patches",
+    "audio_encoders",
+    "latent_upscale_models",
+    "background_removal",
+    "frame_interpolation",
+    "geometry_estimation",
+    "optical_flow",
+    "detection",
+    "ipadapter",
+    "sams",
+    "insightface",
+    "ultralytics",
+    "mmdets",
+    "onnx",
+    "unet_gguf",
+    "clip_gguf",
+];
+
+/// Path components that `ARENA_CACHE_SKIP_HARDCODED` never caches (the original's v2 list).
+pub const HARDCODED_SKIPS: &[&str] = &[
+    "controlnet",
+    "control_net",
+    "insightface",
+    "ipadapter",
+    "clip_vision",
+];
+
 /// Files smaller than this are read from the NAS without caching, by default (10 MB, as the
 /// original tool's `ARENA_CACHE_MIN_SIZE_MB=10`).
 pub const DEFAULT_MIN_SIZE: u64 = 10 * 1000 * 1000;
@@ -33,8 +79,8 @@ pub const DEFAULT_MIN_SIZE: u64 = 10 * 1000 * 1000;
 /// Maps a folder name to its ComfyUI category key.
 pub fn category_key(folder: &str) -> &str {
     match folder {
-        "clip" => "text_encoders",
-        "unet" => "diffusion_models",
+        "clip" | "clip_gguf" => "text_encoders",
+        "unet" | "unet_gguf" => "diffusion_models",
         "t2i_adapter" => "controlnet",
         other => other,
     }
@@ -53,21 +99,31 @@ pub fn category_of(rel: &Path) -> Option<&str> {
 }
 
 /// Why a file is or is not cached.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
 pub enum Decision {
     /// Read through the SSD cache and complete the copy.
     Cache,
+    /// Caching is disabled (gray state).
+    Disabled,
     /// Its category is not in the allow-list.
     CategoryNotAllowed,
     /// It is below the size floor.
     TooSmall,
+    /// An exclude pattern matches it.
+    Excluded,
+    /// `ARENA_CACHE_SKIP_HARDCODED` and its path names a skipped family.
+    Hardcoded,
 }
 
-/// The caching policy of a mount.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// The caching policy of a mount (pure; built from the settings).
+#[derive(Clone, Debug)]
 pub struct Policy {
     categories: BTreeSet<String>,
     min_size: u64,
+    exclude: globset::GlobSet,
+    skip_hardcoded: bool,
+    enabled: bool,
 }
 
 impl Default for Policy {
@@ -86,7 +142,20 @@ impl Policy {
                 .filter(|c| !c.is_empty())
                 .collect(),
             min_size,
+            exclude: globset::GlobSet::empty(),
+            skip_hardcoded: false,
+            enabled: true,
         }
+    }
+
+    /// The policy the settings describe.
+    pub fn from_settings(s: &crate::config::Settings) -> Self {
+        let cats = s.effective_categories();
+        let mut p = Self::new(cats.iter().map(String::as_str), s.min_size);
+        p.exclude = glob_set(&s.exclude);
+        p.skip_hardcoded = s.skip_hardcoded;
+        p.enabled = s.state() != crate::config::CacheState::Gray;
+        p
     }
 
     /// The allowed category keys.
@@ -101,15 +170,42 @@ impl Policy {
 
     /// Whether a regular file at `rel` of `size` bytes is cached.
     pub fn decide(&self, rel: &Path, size: u64) -> Decision {
+        if !self.enabled {
+            return Decision::Disabled;
+        }
         match category_of(rel) {
             Some(c) if self.categories.contains(c) => {}
             _ => return Decision::CategoryNotAllowed,
+        }
+        if self.skip_hardcoded && names_hardcoded(rel) {
+            return Decision::Hardcoded;
+        }
+        if self.exclude.is_match(rel) {
+            return Decision::Excluded;
         }
         if size < self.min_size {
             return Decision::TooSmall;
         }
         Decision::Cache
     }
+}
+
+/// Compiles glob patterns (validated by the config loader; a bad one is skipped).
+pub fn glob_set(patterns: &[String]) -> globset::GlobSet {
+    let mut b = globset::GlobSetBuilder::new();
+    for p in patterns {
+        if let Ok(g) = globset::GlobBuilder::new(p).literal_separator(true).build() {
+            b.add(g);
+        }
+    }
+    b.build().unwrap_or_else(|_| globset::GlobSet::empty())
+}
+
+fn names_hardcoded(rel: &Path) -> bool {
+    rel.components().any(|c| {
+        let c = c.as_os_str().to_string_lossy().to_ascii_lowercase();
+        HARDCODED_SKIPS.iter().any(|h| c.contains(h))
+    })
 }
 
 #[cfg(test)]
@@ -157,6 +253,53 @@ mod tests {
         assert_eq!(
             p.decide(Path::new("a.safetensors"), 20_000_000),
             Decision::CategoryNotAllowed
+        );
+    }
+
+    #[test]
+    fn excludes_hardcoded_and_states() {
+        use crate::config::Settings;
+        let mut s = Settings {
+            exclude: vec!["loras/test/**".into(), "**/*.ckpt".into()],
+            skip_hardcoded: true,
+            min_size: 0,
+            ..Settings::default()
+        };
+        let p = Policy::from_settings(&s);
+        assert_eq!(
+            p.decide(Path::new("loras/test/a.safetensors"), 1),
+            Decision::Excluded
+        );
+        assert_eq!(
+            p.decide(Path::new("checkpoints/x/old.ckpt"), 1),
+            Decision::Excluded
+        );
+        assert_eq!(
+            p.decide(Path::new("loras/a.safetensors"), 1),
+            Decision::Cache
+        );
+        assert_eq!(
+            p.decide(Path::new("controlnet/x.safetensors"), 1),
+            Decision::Hardcoded
+        );
+        assert_eq!(
+            p.decide(Path::new("loras/IPAdapter_faces/x.bin"), 1),
+            Decision::Hardcoded
+        );
+        assert_eq!(
+            p.decide(Path::new("clip_vision/x.bin"), 1),
+            Decision::Hardcoded
+        );
+        s.enabled = false;
+        assert_eq!(
+            Policy::from_settings(&s).decide(Path::new("loras/a"), 1),
+            Decision::Disabled
+        );
+        s.enabled = true;
+        s.autopatch = false; // green still serves copies: the policy allows, the cache makes none
+        assert_eq!(
+            Policy::from_settings(&s).decide(Path::new("loras/a"), 1),
+            Decision::Cache
         );
     }
 

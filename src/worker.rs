@@ -36,7 +36,7 @@ impl std::fmt::Debug for Worker {
 impl Worker {
     /// Starts `concurrency` copy threads.
     pub fn start(
-        concurrency: usize,
+        live: Arc<crate::config::Live>,
         nas: Arc<Nas>,
         cache: Arc<Cache>,
         stats: Arc<Stats>,
@@ -50,7 +50,7 @@ impl Worker {
             cond: Condvar::new(),
             threads: Mutex::new(Vec::new()),
         });
-        for i in 0..concurrency.max(1) {
+        for i in 0..live.settings().max_concurrency.max(1) {
             let (w, nas, cache, stats) =
                 (worker.clone(), nas.clone(), cache.clone(), stats.clone());
             let handle = std::thread::Builder::new()

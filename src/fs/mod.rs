@@ -31,7 +31,8 @@ use nix::sys::stat::FileStat;
 use parking_lot::Mutex;
 
 use crate::cache::{Cache, CacheFile, FetchError, Found};
-use crate::policy::{Decision, Policy};
+use crate::config::{CacheState, Live};
+use crate::policy::Decision;
 use crate::source::{DirEntryKind, Nas, pread_full};
 use crate::stats::Stats;
 use crate::worker::Worker;
@@ -75,7 +76,7 @@ pub struct ArenaFs {
     nas: Arc<Nas>,
     cache: Arc<Cache>,
     worker: Arc<Worker>,
-    policy: Policy,
+    live: Arc<Live>,
     stats: Arc<Stats>,
     opts: FsOptions,
     root_dev: u64,
@@ -93,7 +94,7 @@ impl ArenaFs {
         nas: Arc<Nas>,
         cache: Arc<Cache>,
         worker: Arc<Worker>,
-        policy: Policy,
+        live: Arc<Live>,
         stats: Arc<Stats>,
         opts: FsOptions,
         passthrough_ok: Arc<AtomicBool>,
@@ -103,7 +104,7 @@ impl ArenaFs {
             nas,
             cache,
             worker,
-            policy,
+            live,
             stats,
             opts,
             root_dev: root.st_dev,
@@ -150,11 +151,17 @@ impl ArenaFs {
         let st = nix::sys::stat::fstat(&nas).map_err(|e| Errno::from_i32(e as i32))?;
         let identity = self.cache.rule().identity(&st);
 
-        let found = match self.policy.decide(rel, identity.size) {
-            Decision::Cache => self.cache.find(rel, identity, true).unwrap_or_else(|e| {
-                tracing::warn!(path = %rel.display(), error = %e, "cache unavailable; reading from the NAS");
-                Found::None
-            }),
+        // Red makes copies; green only serves complete ones; gray never gets here (Disabled).
+        let making = self.live.settings().state() == CacheState::Red;
+        let found = match self.live.policy().decide(rel, identity.size) {
+            Decision::Cache => match self.cache.find(rel, identity, making) {
+                Ok(Found::Partial(_)) if !making => Found::None,
+                Ok(found) => found,
+                Err(e) => {
+                    tracing::warn!(path = %rel.display(), error = %e, "cache unavailable; reading from the NAS");
+                    Found::None
+                }
+            },
             _ => Found::None,
         };
 
