@@ -17,7 +17,7 @@ use crate::mount::{self, KernelOptions};
 use crate::options::MountOptions;
 use crate::source::{IdentityRule, Nas};
 use crate::stats::Stats;
-use crate::worker::Worker;
+use crate::worker::{Foreground, Worker};
 
 /// Chunk size of new cache copies: large enough that NAS requests are efficient, small enough
 /// that a header read caches little (DESIGN.md §3: "a few MiB").
@@ -64,8 +64,27 @@ pub fn run(
     signals.thread_block()?;
 
     let stats = Arc::new(Stats::default());
-    let cache = Cache::new(store, IdentityRule::SizeMtimeIno, CHUNK_SIZE);
-    let worker = Worker::start(live.clone(), nas.clone(), cache.clone(), stats.clone());
+    let cache = Cache::new(
+        store,
+        IdentityRule::SizeMtimeIno,
+        CHUNK_SIZE,
+        live.clone(),
+        stats.clone(),
+    );
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .max_blocking_threads(64)
+        .thread_name("arenafs-rt")
+        .enable_all()
+        .build()?;
+    let worker = Worker::start(
+        runtime.handle().clone(),
+        live.clone(),
+        nas.clone(),
+        cache.clone(),
+        stats.clone(),
+        Arc::new(Foreground::default()),
+    );
     let passthrough = Arc::new(AtomicBool::new(false));
     let fs = ArenaFs::new(
         nas.clone(),
@@ -119,6 +138,8 @@ pub fn run(
             cache: cache.clone(),
             stats: stats.clone(),
             passthrough: passthrough.clone(),
+            worker: worker.clone(),
+            live: live.clone(),
         },
     );
     let server = match server {
@@ -151,14 +172,49 @@ pub fn run(
             })?;
     }
     spawn_signal_thread(signals, mountpoint.clone())?;
+    let housekeeping = spawn_housekeeping(cache.clone());
 
     let result = session.run();
     tracing::info!("unmounted; finishing");
     worker.stop();
+    housekeeping.stop();
     cache.shutdown();
     drop(server);
+    runtime.shutdown_timeout(std::time::Duration::from_secs(5));
     result.context("FUSE session")?;
     Ok(())
+}
+
+/// How often limits are re-checked (something else may fill the SSD) and access times are made
+/// durable.
+const HOUSEKEEPING_INTERVAL: std::time::Duration = std::time::Duration::from_secs(10);
+
+struct Housekeeping {
+    stop: std::sync::mpsc::Sender<()>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl Housekeeping {
+    fn stop(self) {
+        let _ = self.stop.send(());
+        let _ = self.thread.join();
+    }
+}
+
+fn spawn_housekeeping(cache: Arc<Cache>) -> Housekeeping {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let thread = std::thread::Builder::new()
+        .name("arenafs-housekeeping".into())
+        .spawn(move || {
+            while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
+                rx.recv_timeout(HOUSEKEEPING_INTERVAL)
+            {
+                cache.enforce_limits();
+                cache.flush_access();
+            }
+        })
+        .expect("spawn housekeeping thread");
+    Housekeeping { stop: tx, thread }
 }
 
 fn spawn_signal_thread(signals: SigSet, mountpoint: PathBuf) -> Result<()> {

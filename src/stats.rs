@@ -46,6 +46,14 @@ counters! {
     copies_failed,
     /// Cache copies dropped because the NAS file changed.
     stale_dropped,
+    /// Copies evicted (LRU, limits, trim).
+    evictions,
+    /// Copies not made because they could not fit.
+    copies_no_space,
+    /// Times a background copy waited for a reader using the NAS.
+    worker_yields,
+    /// Bytes background copies fetched from the NAS (counts against the byte budget).
+    session_bytes_downloaded,
     /// Read requests that failed with an error.
     read_errors,
 }

@@ -1,30 +1,221 @@
-//! Background completion of cache copies.
+//! The copy scheduler: completes cache copies in the background under the limits of the settings.
 //!
-//! Once a reader has touched an allowed file, a job here fetches the chunks no reader has fetched,
-//! in file order, through the same [`CacheFile::ensure_chunk`] the readers use, so a chunk is never
-//! fetched twice. At most `concurrency` copies run at once.
+//! A tokio task dispatches jobs from a de-duplicated queue, at most `ARENA_CACHE_MAX_CONCURRENCY`
+//! at once (read anew for every dispatch, so a reload applies to new jobs). Each job runs on the
+//! blocking pool and fetches, chunk by chunk and in file order, what no reader has fetched,
+//! through the same [`CacheFile::ensure_chunk`] the readers use, so no chunk is fetched twice.
+//!
+//! Before each chunk a job
+//! - waits while a reader is waiting on the NAS (foreground reads first: a cold model load is
+//!   not slowed down by copies of other files),
+//! - takes its bytes from the bandwidth cap (`ARENA_CACHE_BWLIMIT_MBPS`), and
+//! - stops if the run's byte budget (`ARENA_CACHE_SESSION_BYTE_BUDGET`) would be exceeded.
+//!
+//! A job that fails on a NAS error is retried with exponential backoff; a copy is never marked
+//! complete unless every chunk was written (the chunk map decides, not the job).
 
-use std::collections::{HashSet, VecDeque};
-use std::path::PathBuf;
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
 
 use parking_lot::{Condvar, Mutex};
+use serde::Serialize;
 
-use crate::cache::{Cache, CacheFile, FetchError};
+use crate::cache::file::Chunk;
+use crate::cache::{Cache, CacheFile, FetchError, Found};
+use crate::config::{CacheState, Live};
+use crate::policy::Decision;
 use crate::source::Nas;
 use crate::stats::Stats;
 
-struct Queue {
-    jobs: VecDeque<Arc<CacheFile>>,
+/// Attempts per job before giving up on NAS errors.
+const MAX_ATTEMPTS: u32 = 4;
+/// First retry delay; doubles per attempt.
+const RETRY_BASE: Duration = Duration::from_secs(1);
+/// Longest a copy waits for readers before it fetches a chunk anyway, so that a reader that
+/// never stops cannot starve copies forever.
+const MAX_YIELD: Duration = Duration::from_secs(30);
+
+/// Why a copy was queued.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Reason {
+    /// A reader loaded it for real (read past the threshold).
+    Loaded,
+    /// It is in the required set.
+    Required,
+    /// An explicit prefetch.
+    Prefetch,
+    /// Eager mode at start.
+    Eager,
+    /// The prefetch allow-list.
+    Allowlist,
+}
+
+/// Why a bulk request was refused.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum RequestError {
+    /// Within the cooldown of the previous bulk request.
+    #[error(
+        "a bulk request came {elapsed_ms} ms after the previous one; retry in {retry_after_ms} ms"
+    )]
+    CooldownActive {
+        /// Milliseconds until a request is accepted.
+        retry_after_ms: u64,
+        /// Milliseconds since the previous request.
+        elapsed_ms: u64,
+    },
+    /// The bytes to copy exceed what is left of the budget.
+    #[error(
+        "copying needs {needed} bytes but only {remaining} are left of the session byte budget"
+    )]
+    BudgetExceeded {
+        /// Bytes the request would fetch.
+        needed: u64,
+        /// Bytes left of the budget.
+        remaining: u64,
+    },
+}
+
+/// One file of a bulk request.
+#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+pub struct Planned {
+    /// NAS-relative path.
+    pub path: PathBuf,
+    /// Bytes still to fetch.
+    pub missing: u64,
+    /// Queued, or why not.
+    pub outcome: Outcome,
+}
+
+/// What a bulk request did with one file.
+#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    /// Queued for copying.
+    Queued,
+    /// Already complete.
+    Complete,
+    /// Already queued or running.
+    AlreadyQueued,
+    /// Not on the NAS (or not a regular file).
+    NotFound,
+    /// The policy does not cache it.
+    NotAllowed(Decision),
+    /// Caching is in the green or gray state.
+    CachingOff,
+}
+
+/// Progress of a running copy.
+#[derive(Debug)]
+struct Progress {
+    reason: Reason,
+    total: u64,
+    done: AtomicU64,
+    fetched: AtomicU64,
+    started: Instant,
+}
+
+/// A running or queued copy, as the status API shows it.
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct JobInfo {
+    /// NAS-relative path.
+    pub path: PathBuf,
+    /// Why it was queued.
+    pub reason: Reason,
+    /// "running" or "queued".
+    pub state: &'static str,
+    /// File size.
+    pub total_bytes: u64,
+    /// Bytes present in the cache.
+    pub done_bytes: u64,
+    /// Fetch rate of this job, bytes/s.
+    pub rate_bytes_per_sec: f64,
+    /// Estimated seconds left at that rate.
+    pub eta_secs: Option<f64>,
+}
+
+struct Job {
+    rel: PathBuf,
+    reason: Reason,
+    attempts: u32,
+    not_before: Instant,
+}
+
+#[derive(Default)]
+struct State {
+    queue: VecDeque<Job>,
     queued: HashSet<PathBuf>,
+    running: HashMap<PathBuf, Arc<Progress>>,
+    cancelled: HashSet<PathBuf>,
+    required: HashSet<PathBuf>,
+    last_bulk: Option<Instant>,
     stopping: bool,
 }
 
-/// The copy worker pool.
+/// Counts readers waiting on the NAS; copies wait while there are any.
+#[derive(Debug, Default)]
+pub struct Foreground {
+    active: AtomicUsize,
+    lock: Mutex<()>,
+    idle: Condvar,
+}
+
+/// Held by a reader while it reads from the NAS.
+pub struct ForegroundGuard<'a>(&'a Foreground);
+
+impl Foreground {
+    /// Marks a reader as waiting on the NAS until the guard drops.
+    pub fn enter(&self) -> ForegroundGuard<'_> {
+        self.active.fetch_add(1, Ordering::AcqRel);
+        ForegroundGuard(self)
+    }
+
+    /// Waits until no reader waits on the NAS (at most `max`); returns whether it waited.
+    pub fn wait_idle(&self, max: Duration) -> bool {
+        if self.active.load(Ordering::Acquire) == 0 {
+            return false;
+        }
+        let deadline = Instant::now() + max;
+        let mut g = self.lock.lock();
+        while self.active.load(Ordering::Acquire) > 0 {
+            if self.idle.wait_until(&mut g, deadline).timed_out() {
+                break;
+            }
+        }
+        true
+    }
+}
+
+impl Drop for ForegroundGuard<'_> {
+    fn drop(&mut self) {
+        if self.0.active.fetch_sub(1, Ordering::AcqRel) == 1 {
+            let _g = self.0.lock.lock();
+            self.0.idle.notify_all();
+        }
+    }
+}
+
+/// A token bucket over all background copies.
+struct Bandwidth {
+    available: f64,
+    last: Instant,
+}
+
+/// The copy scheduler of one mount.
 pub struct Worker {
-    queue: Mutex<Queue>,
-    cond: Condvar,
-    threads: Mutex<Vec<std::thread::JoinHandle<()>>>,
+    live: Arc<Live>,
+    nas: Arc<Nas>,
+    cache: Arc<Cache>,
+    stats: Arc<Stats>,
+    state: Mutex<State>,
+    wake: tokio::sync::Notify,
+    foreground: Arc<Foreground>,
+    bandwidth: Mutex<Bandwidth>,
+    stopped: AtomicBool,
+    rt: tokio::runtime::Handle,
 }
 
 impl std::fmt::Debug for Worker {
@@ -34,121 +225,444 @@ impl std::fmt::Debug for Worker {
 }
 
 impl Worker {
-    /// Starts `concurrency` copy threads.
+    /// Starts the dispatcher on `rt`.
     pub fn start(
-        live: Arc<crate::config::Live>,
+        rt: tokio::runtime::Handle,
+        live: Arc<Live>,
         nas: Arc<Nas>,
         cache: Arc<Cache>,
         stats: Arc<Stats>,
+        foreground: Arc<Foreground>,
     ) -> Arc<Self> {
         let worker = Arc::new(Self {
-            queue: Mutex::new(Queue {
-                jobs: VecDeque::new(),
-                queued: HashSet::new(),
-                stopping: false,
+            live,
+            nas,
+            cache,
+            stats,
+            state: Mutex::new(State::default()),
+            wake: tokio::sync::Notify::new(),
+            foreground,
+            bandwidth: Mutex::new(Bandwidth {
+                available: 0.0,
+                last: Instant::now(),
             }),
-            cond: Condvar::new(),
-            threads: Mutex::new(Vec::new()),
+            stopped: AtomicBool::new(false),
+            rt: rt.clone(),
         });
-        for i in 0..live.settings().max_concurrency.max(1) {
-            let (w, nas, cache, stats) =
-                (worker.clone(), nas.clone(), cache.clone(), stats.clone());
-            let handle = std::thread::Builder::new()
-                .name(format!("arenafs-copy-{i}"))
-                .spawn(move || w.run(&nas, &cache, &stats))
-                .expect("spawn copy thread");
-            worker.threads.lock().push(handle);
-        }
+        let w = worker.clone();
+        rt.spawn(async move { w.dispatch().await });
         worker
     }
 
-    /// Queues completion of `cf` unless it is queued already.
-    pub fn enqueue(&self, cf: Arc<CacheFile>) {
-        let mut q = self.queue.lock();
-        if q.stopping || !q.queued.insert(cf.rel().clone()) {
-            return;
-        }
-        q.jobs.push_back(cf);
-        self.cond.notify_one();
+    /// Readers register here while they wait on the NAS.
+    pub fn foreground(&self) -> &Foreground {
+        &self.foreground
     }
 
-    /// Stops the threads; copies in progress stop at the next chunk boundary.
+    /// Queues a copy of `rel` unless it is queued or running. Returns whether it was queued.
+    pub fn enqueue(&self, rel: &Path, reason: Reason) -> bool {
+        if self.live.settings().state() != CacheState::Red {
+            return false;
+        }
+        let mut st = self.state.lock();
+        if st.stopping || st.running.contains_key(rel) || !st.queued.insert(rel.to_path_buf()) {
+            return false;
+        }
+        st.cancelled.remove(rel);
+        st.queue.push_back(Job {
+            rel: rel.to_path_buf(),
+            reason,
+            attempts: 0,
+            not_before: Instant::now(),
+        });
+        drop(st);
+        tracing::debug!(path = %rel.display(), ?reason, "copy queued");
+        self.wake.notify_one();
+        true
+    }
+
+    /// A bulk request (prefetch list, required set, allow-list): checks the cooldown and the
+    /// byte budget for the whole list, then queues what needs copying. Nothing is queued when
+    /// the request is refused.
+    pub fn request(
+        &self,
+        paths: &[PathBuf],
+        reason: Reason,
+        bulk: bool,
+    ) -> Result<Vec<Planned>, RequestError> {
+        let settings = self.live.settings();
+        let making = settings.state() == CacheState::Red;
+        let policy = self.live.policy();
+        let mut planned = Vec::with_capacity(paths.len());
+        for p in paths {
+            let outcome_missing = match self.nas.stat(p) {
+                Ok(st) if st.st_mode & libc::S_IFMT == libc::S_IFREG => {
+                    let size = st.st_size as u64;
+                    let identity = self.cache.rule().identity(&st);
+                    match policy.decide(p, size) {
+                        Decision::Cache if !making => (Outcome::CachingOff, 0),
+                        Decision::Cache => {
+                            let missing = self.cache.missing_bytes(p, identity);
+                            if missing == 0 {
+                                (Outcome::Complete, 0)
+                            } else {
+                                (Outcome::Queued, missing)
+                            }
+                        }
+                        Decision::Disabled => (Outcome::CachingOff, 0),
+                        d => (Outcome::NotAllowed(d), 0),
+                    }
+                }
+                _ => (Outcome::NotFound, 0),
+            };
+            planned.push(Planned {
+                path: p.clone(),
+                missing: outcome_missing.1,
+                outcome: outcome_missing.0,
+            });
+        }
+        let mut st = self.state.lock();
+        if bulk && let Some(last) = st.last_bulk {
+            let elapsed = last.elapsed();
+            if elapsed < settings.cooldown {
+                return Err(RequestError::CooldownActive {
+                    retry_after_ms: (settings.cooldown - elapsed).as_millis() as u64,
+                    elapsed_ms: elapsed.as_millis() as u64,
+                });
+            }
+        }
+        let needed: u64 = planned
+            .iter()
+            .filter(|p| {
+                p.outcome == Outcome::Queued
+                    && !st.queued.contains(&p.path)
+                    && !st.running.contains_key(&p.path)
+            })
+            .map(|p| p.missing)
+            .sum();
+        if settings.session_byte_budget > 0 {
+            let remaining = self.budget_remaining(settings.session_byte_budget);
+            if needed > remaining {
+                return Err(RequestError::BudgetExceeded { needed, remaining });
+            }
+        }
+        if bulk {
+            st.last_bulk = Some(Instant::now());
+        }
+        drop(st);
+        for p in &mut planned {
+            if p.outcome == Outcome::Queued && !self.enqueue(&p.path, reason) {
+                p.outcome = Outcome::AlreadyQueued;
+            }
+        }
+        Ok(planned)
+    }
+
+    /// Cancels queued and running copies of `paths` (running ones stop at the next chunk; what
+    /// they fetched stays cached).
+    pub fn cancel(&self, paths: &[PathBuf]) -> usize {
+        let mut st = self.state.lock();
+        let mut n = 0;
+        for p in paths {
+            if st.queued.remove(p) {
+                st.queue.retain(|j| &j.rel != p);
+                n += 1;
+            }
+            if st.running.contains_key(p) {
+                st.cancelled.insert(p.clone());
+                n += 1;
+            }
+        }
+        n
+    }
+
+    /// Replaces the required set (the models the active workflow needs).
+    pub fn set_required(&self, paths: &[PathBuf]) {
+        self.state.lock().required = paths.iter().cloned().collect();
+    }
+
+    /// Whether `rel` is in the required set.
+    pub fn is_required(&self, rel: &Path) -> bool {
+        self.state.lock().required.contains(rel)
+    }
+
+    /// Number of files in the required set.
+    pub fn required_len(&self) -> usize {
+        self.state.lock().required.len()
+    }
+
+    /// Whether any of `paths` is queued or running.
+    pub fn busy_with(&self, paths: &[PathBuf]) -> bool {
+        let st = self.state.lock();
+        paths
+            .iter()
+            .any(|p| st.queued.contains(p) || st.running.contains_key(p))
+    }
+
+    /// Bytes left of the byte budget (`u64::MAX` without one).
+    pub fn budget_remaining(&self, budget: u64) -> u64 {
+        if budget == 0 {
+            return u64::MAX;
+        }
+        budget.saturating_sub(self.stats.session_bytes_downloaded.load(Ordering::Relaxed))
+    }
+
+    /// Running copies first, then the queue.
+    pub fn jobs(&self) -> Vec<JobInfo> {
+        let st = self.state.lock();
+        let mut out: Vec<JobInfo> = st
+            .running
+            .iter()
+            .map(|(p, pr)| {
+                let done = pr.done.load(Ordering::Relaxed);
+                let secs = pr.started.elapsed().as_secs_f64().max(1e-3);
+                let rate = pr.fetched.load(Ordering::Relaxed) as f64 / secs;
+                JobInfo {
+                    path: p.clone(),
+                    reason: pr.reason,
+                    state: "running",
+                    total_bytes: pr.total,
+                    done_bytes: done,
+                    rate_bytes_per_sec: rate,
+                    eta_secs: (rate > 0.0).then(|| (pr.total - done) as f64 / rate),
+                }
+            })
+            .collect();
+        out.extend(st.queue.iter().map(|j| JobInfo {
+            path: j.rel.clone(),
+            reason: j.reason,
+            state: "queued",
+            total_bytes: 0,
+            done_bytes: 0,
+            rate_bytes_per_sec: 0.0,
+            eta_secs: None,
+        }));
+        out
+    }
+
+    /// Number of queued (not running) copies.
+    pub fn queue_len(&self) -> usize {
+        self.state.lock().queue.len()
+    }
+
+    /// Stops dispatching; running copies stop at the next chunk. Waits for them.
     pub fn stop(&self) {
         {
-            let mut q = self.queue.lock();
-            q.stopping = true;
-            q.jobs.clear();
+            let mut st = self.state.lock();
+            st.stopping = true;
+            st.queue.clear();
+            st.queued.clear();
         }
-        self.cond.notify_all();
-        for h in self.threads.lock().drain(..) {
-            let _ = h.join();
+        self.stopped.store(true, Ordering::Release);
+        self.wake.notify_one();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !self.state.lock().running.is_empty() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
         }
     }
 
-    fn is_stopping(&self) -> bool {
-        self.queue.lock().stopping
-    }
-
-    fn run(&self, nas: &Nas, cache: &Cache, stats: &Stats) {
+    async fn dispatch(self: Arc<Self>) {
         loop {
-            let cf = {
-                let mut q = self.queue.lock();
-                loop {
-                    if q.stopping {
-                        return;
-                    }
-                    if let Some(cf) = q.jobs.pop_front() {
-                        break cf;
-                    }
-                    self.cond.wait(&mut q);
+            let mut next_due: Option<Instant> = None;
+            {
+                let mut st = self.state.lock();
+                if st.stopping {
+                    return;
                 }
-            };
-            let ok = self.complete(nas, cache, stats, &cf);
-            Stats::add(
-                if ok {
-                    &stats.copies_completed
-                } else {
-                    &stats.copies_failed
-                },
-                1,
-            );
-            cache.mark_dirty(&cf);
-            self.queue.lock().queued.remove(cf.rel());
+                let max = self.live.settings().max_concurrency;
+                let now = Instant::now();
+                while st.running.len() < max {
+                    let Some(pos) = st.queue.iter().position(|j| j.not_before <= now) else {
+                        next_due = st.queue.iter().map(|j| j.not_before).min();
+                        break;
+                    };
+                    let job = st.queue.remove(pos).expect("position is valid");
+                    st.queued.remove(&job.rel);
+                    let progress = Arc::new(Progress {
+                        reason: job.reason,
+                        total: 0,
+                        done: AtomicU64::new(0),
+                        fetched: AtomicU64::new(0),
+                        started: Instant::now(),
+                    });
+                    st.running.insert(job.rel.clone(), progress);
+                    let w = self.clone();
+                    self.rt.spawn(async move {
+                        let w2 = w.clone();
+                        let result = tokio::task::spawn_blocking(move || w2.run_job(job)).await;
+                        if let Err(e) = result {
+                            tracing::error!(error = %e, "copy job panicked");
+                        }
+                        w.wake.notify_one();
+                    });
+                }
+            }
+            let sleep = next_due
+                .map(|d| d.saturating_duration_since(Instant::now()))
+                .unwrap_or(Duration::from_secs(3600));
+            tokio::select! {
+                _ = self.wake.notified() => {}
+                _ = tokio::time::sleep(sleep) => {}
+            }
         }
     }
 
-    fn complete(&self, nas: &Nas, cache: &Cache, stats: &Stats, cf: &Arc<CacheFile>) -> bool {
-        let file = match nas.open_file(cf.rel()) {
-            Ok(f) => f,
-            Err(e) => {
-                tracing::warn!(path = %cf.rel().display(), error = %e, "copy: cannot open NAS file");
-                return false;
+    fn run_job(&self, mut job: Job) {
+        let result = self.copy(&job);
+        let mut st = self.state.lock();
+        st.running.remove(&job.rel);
+        st.cancelled.remove(&job.rel);
+        match result {
+            Ok(()) => {}
+            Err(JobError::Retry(e)) if job.attempts + 1 < MAX_ATTEMPTS && !st.stopping => {
+                job.attempts += 1;
+                let delay = RETRY_BASE * 2u32.pow(job.attempts - 1);
+                tracing::warn!(path = %job.rel.display(), error = %e, attempt = job.attempts, ?delay, "copy failed; retrying");
+                job.not_before = Instant::now() + delay;
+                if st.queued.insert(job.rel.clone()) {
+                    st.queue.push_back(job);
+                }
             }
+            Err(JobError::Skipped(why)) => {
+                tracing::info!(path = %job.rel.display(), why, "copy stopped");
+            }
+            Err(e) => {
+                Stats::add(&self.stats.copies_failed, 1);
+                tracing::warn!(path = %job.rel.display(), error = %e, "copy failed");
+            }
+        }
+    }
+
+    fn copy(&self, job: &Job) -> Result<(), JobError> {
+        let rel = &job.rel;
+        let file = self.nas.open_file(rel).map_err(JobError::Retry)?;
+        let st = nix::sys::stat::fstat(&file).map_err(|e| JobError::Retry(e.into()))?;
+        let identity = self.cache.rule().identity(&st);
+        if self.live.settings().state() != CacheState::Red {
+            return Err(JobError::Skipped("caching is not active"));
+        }
+        if self.live.policy().decide(rel, identity.size) != Decision::Cache {
+            return Err(JobError::Skipped("the policy does not cache it"));
+        }
+        let cf = match self.cache.find(rel, identity, true) {
+            Ok(Found::Partial(cf)) => cf,
+            Ok(Found::Complete(_)) => return Ok(()),
+            Ok(Found::None) => {
+                Stats::add(&self.stats.copies_no_space, 1);
+                return Err(JobError::Skipped("it does not fit in the cache"));
+            }
+            Err(e) => return Err(JobError::Cache(e.to_string())),
         };
+        let progress = self.state.lock().running.get(rel).cloned();
+        let progress = progress.map(|p| {
+            Arc::new(Progress {
+                reason: p.reason,
+                total: identity.size,
+                done: AtomicU64::new(cf.map().present_bytes()),
+                fetched: AtomicU64::new(0),
+                started: p.started,
+            })
+        });
+        if let Some(p) = &progress {
+            self.state.lock().running.insert(rel.clone(), p.clone());
+        }
+        let result = self.fill(&cf, &file, rel, progress.as_deref());
+        self.cache.mark_dirty(&cf);
+        if result.is_ok() && cf.is_complete() {
+            Stats::add(&self.stats.copies_completed, 1);
+        }
+        result
+    }
+
+    fn fill(
+        &self,
+        cf: &Arc<CacheFile>,
+        file: &std::fs::File,
+        rel: &Path,
+        progress: Option<&Progress>,
+    ) -> Result<(), JobError> {
         let mut next = 0;
         while let Some(idx) = cf.next_missing(next) {
-            if self.is_stopping() {
-                return false;
+            if self.stopped.load(Ordering::Acquire) {
+                return Err(JobError::Skipped("the daemon is stopping"));
             }
-            match cf.ensure_chunk(idx, &file) {
-                Ok(chunk) => {
-                    if let crate::cache::file::Chunk::Fetched(buf) = chunk {
-                        Stats::add(&stats.bytes_fetched, buf.len() as u64);
+            if self.state.lock().cancelled.contains(rel) {
+                return Err(JobError::Skipped("cancelled"));
+            }
+            if self.foreground.wait_idle(MAX_YIELD) {
+                Stats::add(&self.stats.worker_yields, 1);
+            }
+            let settings = self.live.settings();
+            let (start, end) = cf.map().chunk_range(idx);
+            let len = end - start;
+            if settings.session_byte_budget > 0
+                && self.budget_remaining(settings.session_byte_budget) < len
+            {
+                return Err(JobError::Skipped(
+                    "the session byte budget is spent (BUDGET_EXCEEDED)",
+                ));
+            }
+            self.throttle(len, settings.bwlimit);
+            match cf.ensure_chunk(idx, file) {
+                Ok(Chunk::Fetched(buf)) => {
+                    let n = buf.len() as u64;
+                    Stats::add(&self.stats.bytes_fetched, n);
+                    Stats::add(&self.stats.session_bytes_downloaded, n);
+                    if let Some(p) = progress {
+                        p.fetched.fetch_add(n, Ordering::Relaxed);
                     }
-                    cache.mark_dirty(cf);
+                    self.cache.mark_dirty(cf);
                 }
+                Ok(Chunk::Present) => {}
                 Err(FetchError::Changed) => {
-                    Stats::add(&stats.stale_dropped, 1);
-                    let _ = cache.discard(cf.rel());
-                    return false;
+                    Stats::add(&self.stats.stale_dropped, 1);
+                    let _ = self.cache.discard(rel);
+                    return Err(JobError::Skipped("the NAS file changed"));
                 }
-                Err(e) => {
-                    tracing::warn!(path = %cf.rel().display(), error = %e, "copy stopped");
-                    return false;
+                Err(FetchError::Disabled) => {
+                    return Err(JobError::Skipped("the cache copy was given up"));
                 }
+                Err(FetchError::Nas(e)) => return Err(JobError::Retry(e)),
+            }
+            if let Some(p) = progress {
+                p.done.store(cf.map().present_bytes(), Ordering::Relaxed);
             }
             next = idx + 1;
         }
-        cf.is_complete()
+        Ok(())
     }
+
+    /// Takes `bytes` from the bandwidth cap, sleeping as needed.
+    fn throttle(&self, bytes: u64, limit: u64) {
+        if limit == 0 {
+            return;
+        }
+        let wait = {
+            let mut b = self.bandwidth.lock();
+            let now = Instant::now();
+            let rate = limit as f64;
+            // At most one second of burst.
+            b.available = (b.available + now.duration_since(b.last).as_secs_f64() * rate).min(rate);
+            b.last = now;
+            b.available -= bytes as f64;
+            if b.available < 0.0 {
+                Duration::from_secs_f64(-b.available / rate)
+            } else {
+                Duration::ZERO
+            }
+        };
+        if !wait.is_zero() {
+            std::thread::sleep(wait);
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+enum JobError {
+    #[error("{0}")]
+    Retry(std::io::Error),
+    #[error("not copied: {0}")]
+    Skipped(&'static str),
+    #[error("cache error: {0}")]
+    Cache(String),
 }

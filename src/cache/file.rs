@@ -57,6 +57,9 @@ pub struct CacheFile {
     persist_lock: Mutex<u64>,
     /// Set once the worker has been asked to complete this copy.
     pub queued: AtomicBool,
+    /// Bytes readers read through this copy (any offsets, repeats included): past a threshold
+    /// the file counts as loaded for real.
+    pub read_bytes: AtomicU64,
     nas_bytes: AtomicU64,
 }
 
@@ -94,6 +97,7 @@ impl CacheFile {
             disabled: AtomicBool::new(false),
             persist_lock: Mutex::new(persisted),
             queued: AtomicBool::new(false),
+            read_bytes: AtomicU64::new(0),
             nas_bytes: AtomicU64::new(0),
         }
     }

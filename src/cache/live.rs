@@ -12,7 +12,9 @@ use std::time::{Duration, Instant, SystemTime};
 use parking_lot::Mutex;
 
 use super::{CacheFile, ChunkMap, Store, StoreError};
+use crate::config::Live;
 use crate::source::{Identity, IdentityRule};
+use crate::stats::Stats;
 
 /// Progress is made durable at least this often while a copy fills: a crash loses at most this
 /// much fetching work, and one `fdatasync` + index commit per file per interval is cheap.
@@ -32,15 +34,24 @@ pub enum Found {
 /// The SSD cache of one mount.
 #[derive(Debug)]
 pub struct Cache {
-    store: Store,
+    pub(super) store: Store,
     rule: IdentityRule,
     chunk_size: u64,
-    live: Mutex<HashMap<PathBuf, Weak<CacheFile>>>,
+    pub(super) live: Mutex<HashMap<PathBuf, Weak<CacheFile>>>,
     flush_tx: Mutex<Option<mpsc::Sender<Arc<CacheFile>>>>,
     flusher: Mutex<Option<std::thread::JoinHandle<()>>>,
+    /// Least recently used first when iterated in reverse; every indexed entry is in it.
+    pub(super) lru: Mutex<lru::LruCache<PathBuf, ()>>,
+    /// Handles open through the mount, per NAS path: such copies are never evicted.
+    pub(super) open: Mutex<HashMap<PathBuf, u32>>,
+    pub(super) settings: Arc<Live>,
+    pub(super) stats: Arc<Stats>,
+    /// Serialises space decisions, so two new copies cannot both claim the last free bytes.
+    pub(super) space: Mutex<()>,
 }
 
-fn now_secs() -> u64 {
+/// Seconds since the epoch.
+pub fn now_secs() -> u64 {
     SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
         .map(|d| d.as_secs())
@@ -49,8 +60,20 @@ fn now_secs() -> u64 {
 
 impl Cache {
     /// Wraps an opened store and starts the background flusher.
-    pub fn new(store: Store, rule: IdentityRule, chunk_size: u64) -> Arc<Self> {
+    pub fn new(
+        store: Store,
+        rule: IdentityRule,
+        chunk_size: u64,
+        settings: Arc<Live>,
+        stats: Arc<Stats>,
+    ) -> Arc<Self> {
         let (tx, rx) = mpsc::channel::<Arc<CacheFile>>();
+        let mut summaries = store.summaries();
+        summaries.sort_by_key(|(_, _, atime, _)| *atime);
+        let mut lru = lru::LruCache::unbounded();
+        for (p, ..) in summaries {
+            lru.put(p, ());
+        }
         let cache = Arc::new(Self {
             store,
             rule,
@@ -58,6 +81,11 @@ impl Cache {
             live: Mutex::new(HashMap::new()),
             flush_tx: Mutex::new(Some(tx)),
             flusher: Mutex::new(None),
+            lru: Mutex::new(lru),
+            open: Mutex::new(HashMap::new()),
+            settings,
+            stats,
+            space: Mutex::new(()),
         });
         let weak = Arc::downgrade(&cache);
         let handle = std::thread::Builder::new()
@@ -131,6 +159,17 @@ impl Cache {
         if !create {
             return Ok(Found::None);
         }
+        drop(live);
+        if !self.make_room(rel, identity.size) {
+            return Ok(Found::None);
+        }
+        let mut live = self.live.lock();
+        if let Some(cf) = live.get(rel).and_then(Weak::upgrade) {
+            // Another open created it meanwhile.
+            if cf.identity() == identity && !cf.is_disabled() {
+                return Ok(Found::Partial(cf));
+            }
+        }
         let (id, data) = self.store.create_data_file(identity.size)?;
         let cf = Arc::new(CacheFile::new(
             rel.to_path_buf(),
@@ -141,7 +180,23 @@ impl Cache {
             ChunkMap::new(identity.size, self.chunk_size),
         ));
         live.insert(rel.to_path_buf(), Arc::downgrade(&cf));
+        self.lru.lock().put(rel.to_path_buf(), ());
         Ok(Found::Partial(cf))
+    }
+
+    /// Bytes of `rel` (whose NAS file has `identity`) not yet in the cache.
+    pub fn missing_bytes(&self, rel: &Path, identity: Identity) -> u64 {
+        if let Some(cf) = self.live.lock().get(rel).and_then(Weak::upgrade)
+            && cf.identity() == identity
+            && !cf.is_disabled()
+        {
+            let map = cf.map();
+            return map.len() - map.present_bytes();
+        }
+        match self.store.get(rel) {
+            Some(rec) if rec.identity == identity => rec.map.len() - rec.map.present_bytes(),
+            _ => identity.size,
+        }
     }
 
     /// Drops the copy of `rel` whatever its state (used when a complete copy turns out unusable).
@@ -152,7 +207,28 @@ impl Cache {
         if let Some(rec) = self.store.get(rel) {
             self.store.remove(rel, rec.id)?;
         }
+        self.lru.lock().pop(rel);
         Ok(())
+    }
+
+    /// Records that `rel` was opened through the mount: most recently used, and not evictable
+    /// until [`Cache::close_ref`].
+    pub fn open_ref(&self, rel: &Path) {
+        *self.open.lock().entry(rel.to_path_buf()).or_default() += 1;
+        if self.lru.lock().get(rel).is_some() {
+            self.store.touch(rel, now_secs());
+        }
+    }
+
+    /// Ends an [`Cache::open_ref`].
+    pub fn close_ref(&self, rel: &Path) {
+        let mut open = self.open.lock();
+        if let Some(n) = open.get_mut(rel) {
+            *n -= 1;
+            if *n == 0 {
+                open.remove(rel);
+            }
+        }
     }
 
     /// Asks the flusher to make `cf`'s progress durable soon (immediately once it is complete).
@@ -177,6 +253,13 @@ impl Cache {
             .collect();
         for cf in live {
             self.persist(&cf);
+        }
+    }
+
+    /// Makes the access times of recent opens durable (they order eviction after a restart).
+    pub fn flush_access(&self) {
+        if let Err(e) = self.store.flush_access() {
+            tracing::warn!(error = %e, "could not record access times");
         }
     }
 

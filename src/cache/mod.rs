@@ -9,4 +9,6 @@ pub use chunks::ChunkMap;
 pub use file::{CacheFile, FetchError};
 pub use store::{EntryRecord, Store, StoreError};
 pub mod live;
+pub mod space;
 pub use live::{Cache, Found};
+pub use space::{TrimReport, TrimRequest, Usage};

@@ -42,6 +42,7 @@ const ID_BLOCK: u64 = 1024;
 const ENTRIES: TableDefinition<&[u8], &[u8]> = TableDefinition::new("entries");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 const META_NEXT_ID: &str = "next_id";
+const BLOBS: TableDefinition<&str, &[u8]> = TableDefinition::new("blobs");
 
 /// Errors opening or using the cache store.
 #[derive(Debug, thiserror::Error)]
@@ -163,6 +164,7 @@ pub struct Store {
     next_id: AtomicU64,
     reserved_until: Mutex<u64>,
     first_id_of_run: u64,
+    touched: Mutex<std::collections::HashSet<PathBuf>>,
     _lock: File,
 }
 
@@ -185,6 +187,7 @@ impl Store {
             let txn = db.begin_write().map_err(index_err)?;
             txn.open_table(ENTRIES).map_err(index_err)?;
             txn.open_table(META).map_err(index_err)?;
+            txn.open_table(BLOBS).map_err(index_err)?;
             txn.commit().map_err(index_err)?;
         }
         let mut bad = Vec::new();
@@ -228,6 +231,7 @@ impl Store {
             next_id: AtomicU64::new(next_id),
             reserved_until: Mutex::new(next_id),
             first_id_of_run: next_id,
+            touched: Mutex::new(Default::default()),
             _lock: lock,
         })
     }
@@ -247,6 +251,20 @@ impl Store {
         self.len() == 0
     }
 
+    /// Number of complete entries.
+    pub fn complete_count(&self) -> usize {
+        self.entries
+            .lock()
+            .values()
+            .filter(|e| e.is_complete())
+            .count()
+    }
+
+    /// Bytes the entries will hold when complete (their NAS sizes).
+    pub fn reserved_bytes(&self) -> u64 {
+        self.entries.lock().values().map(|e| e.identity.size).sum()
+    }
+
     /// Bytes held by present chunks, over all entries.
     pub fn used_bytes(&self) -> u64 {
         self.entries
@@ -259,6 +277,81 @@ impl Store {
     /// The record for a NAS path, if any.
     pub fn get(&self, rel: &Path) -> Option<EntryRecord> {
         self.entries.lock().get(rel).cloned()
+    }
+
+    /// All entries (path, size, last access, complete), for rebuilding the LRU order.
+    pub fn summaries(&self) -> Vec<(PathBuf, u64, u64, bool)> {
+        self.entries
+            .lock()
+            .iter()
+            .map(|(p, e)| (p.clone(), e.identity.size, e.last_access, e.is_complete()))
+            .collect()
+    }
+
+    /// Records a use of `rel` (in memory; made durable by [`Store::flush_access`]).
+    pub fn touch(&self, rel: &Path, now: u64) {
+        if let Some(e) = self.entries.lock().get_mut(rel) {
+            e.last_access = now;
+            self.touched.lock().insert(rel.to_path_buf());
+        }
+    }
+
+    /// Writes the access times recorded by [`Store::touch`] in one transaction.
+    pub fn flush_access(&self) -> Result<usize, StoreError> {
+        let touched: Vec<PathBuf> = self.touched.lock().drain().collect();
+        if touched.is_empty() {
+            return Ok(0);
+        }
+        let records: Vec<(PathBuf, EntryRecord)> = {
+            let entries = self.entries.lock();
+            touched
+                .into_iter()
+                .filter_map(|p| entries.get(&p).cloned().map(|e| (p, e)))
+                .collect()
+        };
+        let txn = self.db.begin_write().map_err(index_err)?;
+        {
+            let mut table = txn.open_table(ENTRIES).map_err(index_err)?;
+            for (p, rec) in &records {
+                // Only entries still indexed with the same id: a removal in between wins.
+                let current = table
+                    .get(p.as_os_str().as_bytes())
+                    .map_err(index_err)?
+                    .and_then(|v| EntryRecord::decode(v.value()));
+                if let Some(cur) = current
+                    && cur.id == rec.id
+                {
+                    let mut updated = cur;
+                    updated.last_access = rec.last_access;
+                    table
+                        .insert(p.as_os_str().as_bytes(), updated.encode().as_slice())
+                        .map_err(index_err)?;
+                }
+            }
+        }
+        txn.commit().map_err(index_err)?;
+        Ok(records.len())
+    }
+
+    /// A value persisted across runs (e.g. statistics totals).
+    pub fn meta_get(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        let txn = self.db.begin_read().map_err(index_err)?;
+        let table = txn.open_table(BLOBS).map_err(index_err)?;
+        Ok(table
+            .get(key)
+            .map_err(index_err)?
+            .map(|v| v.value().to_vec()))
+    }
+
+    /// Stores a value persisted across runs.
+    pub fn meta_put(&self, key: &str, value: &[u8]) -> Result<(), StoreError> {
+        let txn = self.db.begin_write().map_err(index_err)?;
+        {
+            let mut table = txn.open_table(BLOBS).map_err(index_err)?;
+            table.insert(key, value).map_err(index_err)?;
+        }
+        txn.commit().map_err(index_err)?;
+        Ok(())
     }
 
     /// Path of the data file of entry `id`.
@@ -503,6 +596,20 @@ mod tests {
         assert_eq!(got.id, id);
         assert_eq!(got.map.present_count(), 1);
         assert!(store.data_path(id).exists());
+        store.touch(Path::new("loras/a.safetensors"), 999);
+        assert_eq!(store.flush_access().unwrap(), 1);
+        store.meta_put("k", b"v").unwrap();
+        drop(store);
+        let store = Store::open(dir.path()).unwrap();
+        assert_eq!(
+            store
+                .get(Path::new("loras/a.safetensors"))
+                .unwrap()
+                .last_access,
+            999
+        );
+        assert_eq!(store.meta_get("k").unwrap().as_deref(), Some(&b"v"[..]));
+        assert_eq!(store.summaries().len(), 1);
         assert!(store.remove(Path::new("loras/a.safetensors"), id).unwrap());
         assert!(!store.data_path(id).exists());
         assert!(store.get(Path::new("loras/a.safetensors")).is_none());

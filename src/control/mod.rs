@@ -14,8 +14,10 @@ use serde::Serialize;
 
 pub mod client;
 
-use crate::cache::Cache;
+use crate::cache::{Cache, Usage};
+use crate::config::{CacheState, Live};
 use crate::stats::{Stats, StatsSnapshot};
+use crate::worker::{JobInfo, Worker};
 
 /// Default directory of control sockets.
 pub const SOCKET_DIR: &str = "/run/arenafs";
@@ -43,10 +45,14 @@ pub struct Shared {
     pub stats: Arc<Stats>,
     /// Whether passthrough was negotiated and works.
     pub passthrough: Arc<AtomicBool>,
+    /// The copy scheduler.
+    pub worker: Arc<Worker>,
+    /// The settings in force.
+    pub live: Arc<Live>,
 }
 
 /// `GET /arena/status`.
-#[derive(Debug, Serialize, serde::Deserialize)]
+#[derive(Debug, Serialize)]
 pub struct Status {
     /// Always "ok" when the daemon answers.
     pub status: String,
@@ -60,8 +66,22 @@ pub struct Status {
     pub passthrough_available: bool,
     /// Entries in the cache index.
     pub cache_entries: usize,
+    /// Entries whose copy is complete.
+    pub cache_complete_entries: usize,
     /// Bytes of cached data.
     pub cache_used_bytes: u64,
+    /// Space figures (sizes of all copies, limit, free space, reserve).
+    pub usage: Usage,
+    /// The size the cache may reach now.
+    pub cache_limit_bytes: u64,
+    /// gray, green or red.
+    pub cache_state: CacheState,
+    /// Copies running and queued, with progress.
+    pub jobs: Vec<JobInfo>,
+    /// Queued copies.
+    pub queue_length: usize,
+    /// Files in the required set.
+    pub required_models_count: usize,
     /// Counters since start.
     pub stats: StatsSnapshot,
 }
@@ -74,7 +94,14 @@ async fn status(State(s): State<Shared>) -> Json<Status> {
         cache_dir: s.cache_dir.clone(),
         passthrough_available: s.passthrough.load(Ordering::Relaxed),
         cache_entries: s.cache.store().len(),
+        cache_complete_entries: s.cache.store().complete_count(),
         cache_used_bytes: s.cache.store().used_bytes(),
+        usage: s.cache.usage(),
+        cache_limit_bytes: s.cache.usage().limit(),
+        cache_state: s.live.settings().state(),
+        jobs: s.worker.jobs(),
+        queue_length: s.worker.queue_len(),
+        required_models_count: s.worker.required_len(),
         stats: s.stats.snapshot(),
     })
 }

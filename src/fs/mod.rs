@@ -31,11 +31,11 @@ use nix::sys::stat::FileStat;
 use parking_lot::Mutex;
 
 use crate::cache::{Cache, CacheFile, FetchError, Found};
-use crate::config::{CacheState, Live};
+use crate::config::{CacheState, Discovery, Live};
 use crate::policy::Decision;
 use crate::source::{DirEntryKind, Nas, pread_full};
 use crate::stats::Stats;
-use crate::worker::Worker;
+use crate::worker::{Reason, Worker};
 use inodes::{Inodes, IoMode, ROOT_INO, ino_for};
 
 /// Largest read the kernel sends when asked for big requests (`max_pages` = 256 pages).
@@ -69,6 +69,8 @@ struct DirHandle {
 struct Handle {
     ino: u64,
     kind: HandleKind,
+    /// The NAS path whose cache copy this handle keeps from eviction.
+    cache_ref: Option<PathBuf>,
 }
 
 /// The arenafs filesystem.
@@ -153,8 +155,9 @@ impl ArenaFs {
 
         // Red makes copies; green only serves complete ones; gray never gets here (Disabled).
         let making = self.live.settings().state() == CacheState::Red;
-        let found = match self.live.policy().decide(rel, identity.size) {
-            Decision::Cache => match self.cache.find(rel, identity, making) {
+        let cacheable = self.live.policy().decide(rel, identity.size) == Decision::Cache;
+        let found = match cacheable {
+            true => match self.cache.find(rel, identity, making) {
                 Ok(Found::Partial(_)) if !making => Found::None,
                 Ok(found) => found,
                 Err(e) => {
@@ -162,8 +165,15 @@ impl ArenaFs {
                     Found::None
                 }
             },
-            _ => Found::None,
+            false => Found::None,
         };
+        if let Found::Partial(cf) = &found
+            && self.worker.is_required(rel)
+            && !cf.queued.swap(true, Ordering::AcqRel)
+        {
+            self.worker.enqueue(rel, Reason::Required);
+        }
+        let cache_ref = cacheable.then(|| rel.to_path_buf());
 
         let mut inodes = self.inodes.lock();
         let node = inodes.get_mut(ino).ok_or(Errno::ESTALE)?;
@@ -191,7 +201,7 @@ impl ArenaFs {
             };
             node.open += 1;
             drop(inodes);
-            self.reply_passthrough(fh, ino, backing, reply);
+            self.reply_passthrough(fh, ino, backing, cache_ref, reply);
             return Ok(());
         }
 
@@ -208,7 +218,7 @@ impl ArenaFs {
                     node.mode = IoMode::Passthrough(Arc::downgrade(&backing));
                     node.open += 1;
                     drop(inodes);
-                    self.reply_passthrough(fh, ino, backing, reply);
+                    self.reply_passthrough(fh, ino, backing, cache_ref, reply);
                     return Ok(());
                 }
                 Err(e) => {
@@ -245,16 +255,23 @@ impl ArenaFs {
         node.open += 1;
         drop(inodes);
         // The handle exists before the kernel can send a read for it.
-        self.insert_handle(fh, ino, kind);
+        self.insert_handle(fh, ino, kind, cache_ref);
         reply.opened(FileHandle(fh), flags);
         Ok(())
     }
 
-    fn reply_passthrough(&self, fh: u64, ino: u64, backing: Arc<BackingId>, reply: ReplyOpen) {
+    fn reply_passthrough(
+        &self,
+        fh: u64,
+        ino: u64,
+        backing: Arc<BackingId>,
+        cache_ref: Option<PathBuf>,
+        reply: ReplyOpen,
+    ) {
         Stats::add(&self.stats.opens_passthrough, 1);
         // The handle exists before the kernel can use it. FOPEN_KEEP_CACHE is not allowed with
         // passthrough.
-        self.insert_handle(fh, ino, HandleKind::Passthrough(backing.clone()));
+        self.insert_handle(fh, ino, HandleKind::Passthrough(backing.clone()), cache_ref);
         reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), &backing);
     }
 
@@ -279,10 +296,18 @@ impl ArenaFs {
         Ok((dir.rel.clone(), entries))
     }
 
-    fn insert_handle(&self, fh: u64, ino: u64, kind: HandleKind) {
-        self.handles
-            .lock()
-            .insert(fh, Arc::new(Handle { ino, kind }));
+    fn insert_handle(&self, fh: u64, ino: u64, kind: HandleKind, cache_ref: Option<PathBuf>) {
+        if let Some(rel) = &cache_ref {
+            self.cache.open_ref(rel);
+        }
+        self.handles.lock().insert(
+            fh,
+            Arc::new(Handle {
+                ino,
+                kind,
+                cache_ref,
+            }),
+        );
     }
 
     fn read_handle(&self, h: &Handle, offset: u64, size: u32) -> Result<Vec<u8>, Errno> {
@@ -294,16 +319,16 @@ impl ArenaFs {
                 Ok(buf)
             }
             HandleKind::Nas(f) => {
+                let _fg = self.worker.foreground().enter();
                 let buf = read_at(f, offset, size)?;
                 Stats::add(&self.stats.bytes_from_nas, buf.len() as u64);
                 Ok(buf)
             }
             HandleKind::Fill { cf, nas } => {
-                if !cf.queued.swap(true, Ordering::AcqRel) {
-                    self.worker.enqueue(cf.clone());
-                }
+                let _fg = self.worker.foreground().enter();
                 match cf.read(nas, offset, size) {
                     Ok((buf, fetched)) => {
+                        self.note_loading(cf, buf.len() as u64);
                         Stats::add(&self.stats.bytes_fetched, fetched);
                         Stats::add(&self.stats.bytes_from_nas, fetched.min(buf.len() as u64));
                         Stats::add(
@@ -330,6 +355,27 @@ impl ArenaFs {
             }
         }
     }
+}
+
+impl ArenaFs {
+    /// Counts bytes read through a filling copy; once they pass the threshold the file is being
+    /// loaded for real and the worker completes it (`workflow_only` discovery). A scanner that
+    /// reads a header of each of many files stays below it and triggers no copy.
+    fn note_loading(&self, cf: &Arc<CacheFile>, n: u64) {
+        let total = cf.read_bytes.fetch_add(n, Ordering::Relaxed) + n;
+        if total >= loading_threshold(cf.identity().size)
+            && self.live.settings().discovery == Discovery::WorkflowOnly
+            && !cf.queued.swap(true, Ordering::AcqRel)
+        {
+            self.worker.enqueue(cf.rel(), Reason::Loaded);
+        }
+    }
+}
+
+/// Bytes read from a file past which it counts as loaded for real: min(64 MiB, 10 %) (DESIGN.md
+/// §4). A model header (safetensors JSON ≤ 8 MiB on large files) stays below it.
+pub fn loading_threshold(size: u64) -> u64 {
+    (64 << 20).min(size / 10).max(1)
 }
 
 fn read_at(f: &File, offset: u64, size: u32) -> Result<Vec<u8>, Errno> {
@@ -501,6 +547,9 @@ impl Filesystem for ArenaFs {
         if let Some(h) = handle {
             if let HandleKind::Fill { cf, .. } = &h.kind {
                 self.cache.mark_dirty(cf);
+            }
+            if let Some(rel) = &h.cache_ref {
+                self.cache.close_ref(rel);
             }
             let mut inodes = self.inodes.lock();
             if let Some(node) = inodes.get_mut(h.ino) {

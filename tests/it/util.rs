@@ -222,10 +222,10 @@ impl Mounted {
         fs::read_to_string(&self.log).unwrap_or_default()
     }
 
-    /// Waits until `n` background copies have completed.
+    /// Waits until `n` copies are complete in the index (filled by readers or the worker).
     pub fn wait_copies(&self, n: u64) {
-        wait_for("background copies", Duration::from_secs(60), || {
-            self.stats().copies_completed >= n
+        wait_for("complete cache copies", Duration::from_secs(60), || {
+            self.status()["cache_complete_entries"].as_u64().unwrap() >= n
         });
     }
 
