@@ -13,6 +13,7 @@
 //! - [`daemon`]: runs a mount until it is unmounted.
 //! - [`control`]: the control socket.
 //! - [`stats`]: counters of a daemon run.
+//! - [`workflow`]: which model files a ComfyUI workflow loads (pure, no I/O on the NAS).
 
 pub mod cache;
 pub mod config;
@@ -25,3 +26,4 @@ pub mod policy;
 pub mod source;
 pub mod stats;
 pub mod worker;
+pub mod workflow;
