@@ -15,6 +15,7 @@ use crate::control;
 use crate::fs::{ArenaFs, FsOptions};
 use crate::mount::{self, KernelOptions};
 use crate::options::MountOptions;
+use crate::reload::Reloader;
 use crate::source::{IdentityRule, Nas};
 use crate::stats::Stats;
 use crate::worker::{Foreground, Worker};
@@ -32,7 +33,7 @@ pub fn run(
     mountpoint: &Path,
     cfg: &MountOptions,
     loaded: Loaded,
-    _inputs: config::Inputs,
+    inputs: config::Inputs,
 ) -> Result<()> {
     for w in &loaded.warnings {
         tracing::warn!("config: {w}");
@@ -71,6 +72,7 @@ pub fn run(
         live.clone(),
         stats.clone(),
     );
+    load_stats(&cache, &stats);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .max_blocking_threads(64)
@@ -172,22 +174,34 @@ pub fn run(
             })?;
     }
     spawn_signal_thread(signals, mountpoint.clone())?;
-    let housekeeping = spawn_housekeeping(cache.clone());
+    let reloader = Arc::new(parking_lot::Mutex::new(Reloader::new(
+        inputs,
+        live.clone(),
+        cache.clone(),
+        worker.clone(),
+        nas.clone(),
+    )));
+    crate::reload::start_work(&live, &nas, &worker);
+    let housekeeping = spawn_housekeeping(cache.clone(), stats.clone(), reloader.clone());
 
     let result = session.run();
     tracing::info!("unmounted; finishing");
     worker.stop();
     housekeeping.stop();
     cache.shutdown();
+    save_stats(&cache, &stats);
     drop(server);
     runtime.shutdown_timeout(std::time::Duration::from_secs(5));
     result.context("FUSE session")?;
     Ok(())
 }
 
-/// How often limits are re-checked (something else may fill the SSD) and access times are made
-/// durable.
-const HOUSEKEEPING_INTERVAL: std::time::Duration = std::time::Duration::from_secs(10);
+/// How often limits are re-checked (something else may fill the SSD), access times and
+/// statistics totals are made durable.
+const HOUSEKEEPING_EVERY: u32 = 5; // × reload::CHECK_INTERVAL = 10 s
+
+/// Index key of the persisted statistics totals.
+const STATS_KEY: &str = "stats_totals";
 
 struct Housekeeping {
     stop: std::sync::mpsc::Sender<()>,
@@ -201,16 +215,44 @@ impl Housekeeping {
     }
 }
 
-fn spawn_housekeeping(cache: Arc<Cache>) -> Housekeeping {
+fn load_stats(cache: &Cache, stats: &Stats) {
+    match cache.store().meta_get(STATS_KEY) {
+        Ok(Some(bytes)) => match serde_json::from_slice(&bytes) {
+            Ok(t) => stats.set_earlier(t),
+            Err(e) => tracing::warn!(error = %e, "ignoring unreadable statistics totals"),
+        },
+        Ok(None) => {}
+        Err(e) => tracing::warn!(error = %e, "cannot read statistics totals"),
+    }
+}
+
+fn save_stats(cache: &Cache, stats: &Stats) {
+    let bytes = serde_json::to_vec(&stats.totals()).expect("totals serialise");
+    if let Err(e) = cache.store().meta_put(STATS_KEY, &bytes) {
+        tracing::warn!(error = %e, "cannot save statistics totals");
+    }
+}
+
+fn spawn_housekeeping(
+    cache: Arc<Cache>,
+    stats: Arc<Stats>,
+    reloader: Arc<parking_lot::Mutex<Reloader>>,
+) -> Housekeeping {
     let (tx, rx) = std::sync::mpsc::channel();
     let thread = std::thread::Builder::new()
         .name("arenafs-housekeeping".into())
         .spawn(move || {
+            let mut tick = 0u32;
             while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
-                rx.recv_timeout(HOUSEKEEPING_INTERVAL)
+                rx.recv_timeout(crate::reload::CHECK_INTERVAL)
             {
-                cache.enforce_limits();
-                cache.flush_access();
+                reloader.lock().check();
+                tick += 1;
+                if tick.is_multiple_of(HOUSEKEEPING_EVERY) {
+                    cache.enforce_limits();
+                    cache.flush_access();
+                    save_stats(&cache, &stats);
+                }
             }
         })
         .expect("spawn housekeeping thread");

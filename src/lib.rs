@@ -4,10 +4,12 @@
 //! # Layout
 //! - [`source`]: NAS access (stat, open, list) and file identity.
 //! - [`config`]: settings from the env file, the environment and options.
+//! - [`reload`]: applying changed settings while mounted; eager and allow-list copies.
 //! - [`policy`]: which files are cached (category, size floor, excludes, state).
 //! - [`cache`]: the SSD cache: layout, index, chunk maps, live copies being filled.
 //! - [`worker`]: background completion of copies.
 //! - [`fs`]: the FUSE adapter.
+//! - [`models`]: model references (`category/file`) and their NAS paths.
 //! - [`mount`]: mounting, stale-mount recovery, unmounting.
 //! - [`options`]: mount options (`-o`) and their flag twins.
 //! - [`daemon`]: runs a mount until it is unmounted.
@@ -20,9 +22,11 @@ pub mod config;
 pub mod control;
 pub mod daemon;
 pub mod fs;
+pub mod models;
 pub mod mount;
 pub mod options;
 pub mod policy;
+pub mod reload;
 pub mod source;
 pub mod stats;
 pub mod worker;

@@ -86,6 +86,17 @@ pub fn category_key(folder: &str) -> &str {
     }
 }
 
+/// The folders ComfyUI searches for a category key, in its order (`folder_paths`); a key not
+/// listed has one folder of its own name.
+pub fn category_folders(key: &str) -> &[&str] {
+    match key {
+        "text_encoders" => &["text_encoders", "clip"],
+        "diffusion_models" => &["unet", "diffusion_models"],
+        "controlnet" => &["controlnet", "t2i_adapter"],
+        _ => &[],
+    }
+}
+
 /// The category key of a NAS-relative path: its first component, mapped. `None` for files at the
 /// root (they belong to no category).
 pub fn category_of(rel: &Path) -> Option<&str> {

@@ -26,7 +26,7 @@ use serde::Serialize;
 use crate::cache::file::Chunk;
 use crate::cache::{Cache, CacheFile, FetchError, Found};
 use crate::config::{CacheState, Live};
-use crate::policy::Decision;
+use crate::policy::{Decision, category_of};
 use crate::source::Nas;
 use crate::stats::Stats;
 
@@ -570,6 +570,8 @@ impl Worker {
         self.cache.mark_dirty(&cf);
         if result.is_ok() && cf.is_complete() {
             Stats::add(&self.stats.copies_completed, 1);
+            self.stats
+                .category(category_of(rel), |c| c.copies_completed += 1);
         }
         result
     }
@@ -607,6 +609,8 @@ impl Worker {
                 Ok(Chunk::Fetched(buf)) => {
                     let n = buf.len() as u64;
                     Stats::add(&self.stats.bytes_fetched, n);
+                    self.stats
+                        .category(category_of(rel), |c| c.bytes_fetched += n);
                     Stats::add(&self.stats.session_bytes_downloaded, n);
                     if let Some(p) = progress {
                         p.fetched.fetch_add(n, Ordering::Relaxed);

@@ -139,7 +139,9 @@ impl CacheFile {
 
     /// Stops filling and serving this copy.
     pub fn disable(&self) {
-        self.disabled.store(true, Ordering::Release);
+        if !self.disabled.swap(true, Ordering::AcqRel) {
+            tracing::debug!(path = %self.rel.display(), id = self.id, "cache copy given up");
+        }
         self.cond.notify_all();
     }
 

@@ -155,6 +155,7 @@ impl Cache {
         match self.discard(rel) {
             Ok(()) => {
                 Stats::add(&self.stats.evictions, 1);
+                self.stats.category(category_of(rel), |c| c.evictions += 1);
                 tracing::info!(path = %rel.display(), bytes = size, reason, "evicted cache copy");
                 true
             }

@@ -16,7 +16,7 @@ pub mod client;
 
 use crate::cache::{Cache, Usage};
 use crate::config::{CacheState, Live};
-use crate::stats::{Stats, StatsSnapshot};
+use crate::stats::{Stats, StatsSnapshot, Totals};
 use crate::worker::{JobInfo, Worker};
 
 /// Default directory of control sockets.
@@ -106,8 +106,25 @@ async fn status(State(s): State<Shared>) -> Json<Status> {
     })
 }
 
-async fn stats(State(s): State<Shared>) -> Json<StatsSnapshot> {
-    Json(s.stats.snapshot())
+/// `GET /arena/stats`: counters since start (flat, per category) and totals over all runs.
+#[derive(Debug, Serialize)]
+pub struct StatsReport {
+    /// Counters since this daemon started.
+    #[serde(flatten)]
+    pub since_start: StatsSnapshot,
+    /// Per category since start.
+    pub categories: std::collections::BTreeMap<String, crate::stats::CategoryStats>,
+    /// Earlier runs plus this one (persisted in the cache index).
+    pub totals: Totals,
+}
+
+async fn stats(State(s): State<Shared>) -> Json<StatsReport> {
+    let now = s.stats.since_start();
+    Json(StatsReport {
+        since_start: now.overall,
+        categories: now.categories,
+        totals: s.stats.totals(),
+    })
 }
 
 /// The router of the control API.

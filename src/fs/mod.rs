@@ -32,7 +32,7 @@ use parking_lot::Mutex;
 
 use crate::cache::{Cache, CacheFile, FetchError, Found};
 use crate::config::{CacheState, Discovery, Live};
-use crate::policy::Decision;
+use crate::policy::{Decision, category_of};
 use crate::source::{DirEntryKind, Nas, pread_full};
 use crate::stats::Stats;
 use crate::worker::{Reason, Worker};
@@ -174,6 +174,12 @@ impl ArenaFs {
             self.worker.enqueue(rel, Reason::Required);
         }
         let cache_ref = cacheable.then(|| rel.to_path_buf());
+        if cacheable {
+            let hit = matches!(found, Found::Complete(_));
+            self.stats.category(category_of(rel), |c| {
+                if hit { c.hits += 1 } else { c.misses += 1 }
+            });
+        }
 
         let mut inodes = self.inodes.lock();
         let node = inodes.get_mut(ino).ok_or(Errno::ESTALE)?;
@@ -329,6 +335,10 @@ impl ArenaFs {
                 match cf.read(nas, offset, size) {
                     Ok((buf, fetched)) => {
                         self.note_loading(cf, buf.len() as u64);
+                        if fetched > 0 {
+                            self.stats
+                                .category(category_of(cf.rel()), |c| c.bytes_fetched += fetched);
+                        }
                         Stats::add(&self.stats.bytes_fetched, fetched);
                         Stats::add(&self.stats.bytes_from_nas, fetched.min(buf.len() as u64));
                         Stats::add(

@@ -34,26 +34,8 @@ const MODEL_EXTENSIONS: &[&str] = &[
 /// Extensions `load_embed` appends, in its order, when `NAME` itself is not a file.
 const EMBEDDING_EXTENSIONS: &[&str] = &[".safetensors", ".pt", ".bin"];
 
-/// The ComfyUI category key for a category key or a folder name: `folder_paths.map_legacy`
-/// (`unet`, `clip`) plus `t2i_adapter`, the second folder of `controlnet`.
-pub fn category_key(name: &str) -> &str {
-    match name {
-        "unet" => "diffusion_models",
-        "clip" => "text_encoders",
-        "t2i_adapter" => "controlnet",
-        other => other,
-    }
-}
-
-/// Folders of a category under the models root, in the order `get_full_path` tries them.
-fn category_folders(key: &str) -> &[&str] {
-    match key {
-        "text_encoders" => &["text_encoders", "clip"],
-        "diffusion_models" => &["unet", "diffusion_models"],
-        "controlnet" => &["controlnet", "t2i_adapter"],
-        _ => &[],
-    }
-}
+use crate::policy::category_folders;
+pub use crate::policy::category_key;
 
 /// Normalises a model name as `get_full_path` does (`relpath(join("/", name), "/")`) after
 /// turning Windows separators into `/`: no leading `/`, no `.` or empty components, `..` clamped

@@ -4,4 +4,5 @@
 mod crash;
 mod data;
 mod lifecycle;
+mod policy;
 mod util;
