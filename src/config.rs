@@ -918,3 +918,55 @@ pub fn display_value(s: &Settings, env: &str) -> String {
         _ => String::new(),
     }
 }
+
+/// The settings table of `docs/configuration.md`, generated from [`KEYS`].
+pub fn markdown_table() -> String {
+    let mut out = String::from(
+        "| key | `-o` option | default | meaning | example |\n|---|---|---|---|---|\n",
+    );
+    for k in KEYS {
+        let opt = std::iter::once(k.opt)
+            .chain(k.aliases.iter().copied())
+            .map(|o| format!("`{o}=`"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let default = if k.default.is_empty() {
+            "(unset)".to_string()
+        } else {
+            format!("`{}`", k.default)
+        };
+        out.push_str(&format!(
+            "| `{}` | {} | {} | {} | `{}` |\n",
+            k.env,
+            opt,
+            default,
+            k.doc.replace('|', "\\|"),
+            k.example
+        ));
+    }
+    out
+}
+
+#[cfg(test)]
+mod doc_tests {
+    /// docs/configuration.md carries the generated table between markers; regenerate it with
+    /// `UPDATE_DOCS=1 cargo test --lib config::doc_tests`.
+    #[test]
+    fn configuration_doc_matches_the_code() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/docs/configuration.md");
+        let text = std::fs::read_to_string(path).unwrap();
+        let (begin, end) = ("<!-- keys:begin -->\n", "<!-- keys:end -->");
+        let a = text.find(begin).expect("begin marker") + begin.len();
+        let b = text.find(end).expect("end marker");
+        let table = super::markdown_table();
+        if text[a..b] != table {
+            if std::env::var("UPDATE_DOCS").is_ok() {
+                std::fs::write(path, format!("{}{}{}", &text[..a], table, &text[b..])).unwrap();
+            } else {
+                panic!(
+                    "docs/configuration.md is out of date: run UPDATE_DOCS=1 cargo test --lib config::doc_tests"
+                );
+            }
+        }
+    }
+}

@@ -670,3 +670,112 @@ enum JobError {
     #[error("cache error: {0}")]
     Cache(String),
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cache::Store;
+    use crate::config::Settings;
+    use crate::source::IdentityRule;
+
+    fn setup(settings: Settings) -> (tempfile::TempDir, tokio::runtime::Runtime, Arc<Worker>) {
+        let dir = tempfile::tempdir().unwrap();
+        let nas_dir = dir.path().join("nas");
+        std::fs::create_dir_all(nas_dir.join("loras")).unwrap();
+        for i in 0..3 {
+            std::fs::write(
+                nas_dir.join(format!("loras/f{i}.safetensors")),
+                vec![i as u8; 1000],
+            )
+            .unwrap();
+        }
+        let live = Arc::new(Live::new(settings));
+        let stats = Arc::new(Stats::default());
+        let store = Store::open(&dir.path().join("cache")).unwrap();
+        let cache = Cache::new(
+            store,
+            IdentityRule::SizeMtimeIno,
+            4096,
+            live.clone(),
+            stats.clone(),
+        );
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let w = Worker::start(
+            rt.handle().clone(),
+            live,
+            Arc::new(Nas::open(&nas_dir).unwrap()),
+            cache,
+            stats,
+            Arc::new(Foreground::default()),
+        );
+        (dir, rt, w)
+    }
+
+    fn paths(n: &[usize]) -> Vec<PathBuf> {
+        n.iter()
+            .map(|i| PathBuf::from(format!("loras/f{i}.safetensors")))
+            .collect()
+    }
+
+    #[test]
+    fn cooldown_between_bulk_requests() {
+        let (_d, _rt, w) = setup(Settings {
+            min_size: 0,
+            cooldown: Duration::from_secs(60),
+            ..Settings::default()
+        });
+        let planned = w.request(&paths(&[0]), Reason::Prefetch, true).unwrap();
+        assert_eq!(planned[0].outcome, Outcome::Queued);
+        match w.request(&paths(&[1]), Reason::Prefetch, true) {
+            Err(RequestError::CooldownActive { retry_after_ms, .. }) => {
+                assert!(retry_after_ms > 50_000 && retry_after_ms <= 60_000)
+            }
+            other => panic!("{other:?}"),
+        }
+        // Not bulk (a single file loaded for real): no cooldown.
+        assert!(w.request(&paths(&[1]), Reason::Loaded, false).is_ok());
+        w.stop();
+    }
+
+    #[test]
+    fn budget_refuses_the_whole_request_and_queues_nothing() {
+        let (_d, _rt, w) = setup(Settings {
+            min_size: 0,
+            session_byte_budget: 1500,
+            ..Settings::default()
+        });
+        match w.request(&paths(&[0, 1]), Reason::Prefetch, true) {
+            Err(RequestError::BudgetExceeded { needed, remaining }) => {
+                assert_eq!((needed, remaining), (2000, 1500))
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(w.jobs().is_empty());
+        let planned = w
+            .request(
+                &[PathBuf::from("loras/none"), PathBuf::from("vae/x")],
+                Reason::Prefetch,
+                false,
+            )
+            .unwrap();
+        assert_eq!(planned[0].outcome, Outcome::NotFound);
+        w.stop();
+    }
+
+    #[test]
+    fn green_state_makes_no_copies() {
+        let (_d, _rt, w) = setup(Settings {
+            min_size: 0,
+            autopatch: false,
+            ..Settings::default()
+        });
+        let planned = w.request(&paths(&[0]), Reason::Prefetch, true).unwrap();
+        assert_eq!(planned[0].outcome, Outcome::CachingOff);
+        assert!(!w.enqueue(Path::new("loras/f0.safetensors"), Reason::Loaded));
+        w.stop();
+    }
+}

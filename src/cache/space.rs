@@ -277,3 +277,151 @@ impl Cache {
         report
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::cache::{ChunkMap, EntryRecord, Store};
+    use crate::config::{Live, Settings};
+    use crate::source::{Identity, IdentityRule};
+
+    /// A cache with complete entries `(path, size, last access)`.
+    fn cache(entries: &[(&str, u64, u64)], settings: Settings) -> (tempfile::TempDir, Arc<Cache>) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        for (i, (p, size, atime)) in entries.iter().enumerate() {
+            let (id, _) = store.create_data_file(*size).unwrap();
+            let mut map = ChunkMap::new(*size, 4);
+            for c in 0..map.chunk_count() {
+                map.set_present(c);
+            }
+            let rec = EntryRecord {
+                id,
+                identity: Identity {
+                    size: *size,
+                    mtime_ns: i as i64,
+                    ino: i as u64,
+                },
+                map,
+                last_access: *atime,
+            };
+            store.put(Path::new(p), &rec).unwrap();
+        }
+        let c = Cache::new(
+            store,
+            IdentityRule::SizeMtimeIno,
+            4,
+            Arc::new(Live::new(settings)),
+            Arc::new(Stats::default()),
+        );
+        (dir, c)
+    }
+
+    fn names(r: &TrimReport) -> Vec<String> {
+        r.removed
+            .iter()
+            .map(|i| i.path.display().to_string())
+            .collect()
+    }
+
+    #[test]
+    fn trim_to_size_in_lru_order_with_dry_run() {
+        let (_d, c) = cache(
+            &[
+                ("loras/new", 100, 300),
+                ("loras/old", 100, 100),
+                ("vae/mid", 100, 200),
+            ],
+            Settings::default(),
+        );
+        let req = TrimRequest {
+            to_bytes: Some(150),
+            dry_run: true,
+            ..Default::default()
+        };
+        let r = c.trim(&req);
+        assert_eq!(names(&r), ["loras/old", "vae/mid"]);
+        assert_eq!(r.freed_bytes, 200);
+        assert_eq!(c.store.len(), 3, "dry run removes nothing");
+        let r = c.trim(&TrimRequest {
+            dry_run: false,
+            ..req
+        });
+        assert_eq!(names(&r), ["loras/old", "vae/mid"]);
+        assert_eq!(c.store.len(), 1);
+        assert_eq!(c.stats.snapshot().evictions, 2);
+    }
+
+    #[test]
+    fn trim_by_category_age_and_name_sparing_pins_and_open_files() {
+        let now = now_secs();
+        let settings = Settings {
+            pin: vec!["loras/pinned".into()],
+            ..Settings::default()
+        };
+        let (_d, c) = cache(
+            &[
+                ("loras/pinned", 10, now - 10_000),
+                ("loras/open", 10, now - 10_000),
+                ("loras/recent", 10, now),
+                ("unet/x", 10, now - 10_000),
+            ],
+            settings,
+        );
+        c.open_ref(Path::new("loras/open"));
+        let r = c.trim(&TrimRequest {
+            category: Some("loras".into()),
+            ..Default::default()
+        });
+        assert_eq!(names(&r), ["loras/recent"]);
+        assert_eq!((r.skipped_pinned, r.skipped_busy), (1, 1));
+        // Folder spellings map to keys; age selects.
+        let r = c.trim(&TrimRequest {
+            category: Some("diffusion_models".into()),
+            older_than: Some(Duration::from_secs(3600)),
+            dry_run: true,
+            ..Default::default()
+        });
+        assert_eq!(names(&r), ["unet/x"]);
+        // A pinned copy goes only when named.
+        let r = c.trim(&TrimRequest {
+            file: Some("loras/pinned".into()),
+            ..Default::default()
+        });
+        assert_eq!(names(&r), ["loras/pinned"]);
+        // Opening a file is a use: loras/open is recent now.
+        c.close_ref(Path::new("loras/open"));
+        let r = c.trim(&TrimRequest {
+            older_than: Some(Duration::from_secs(60)),
+            ..Default::default()
+        });
+        assert_eq!(names(&r), ["unet/x"]);
+    }
+
+    #[test]
+    fn make_room_evicts_lru_and_refuses_what_cannot_fit() {
+        let settings = Settings {
+            max_bytes: 300,
+            min_free: Some(0),
+            ..Settings::default()
+        };
+        let (_d, c) = cache(
+            &[("a/1", 100, 1), ("a/2", 100, 2), ("a/3", 100, 3)],
+            settings,
+        );
+        assert!(c.make_room(Path::new("a/new"), 150));
+        assert!(c.store.get(Path::new("a/1")).is_none());
+        assert!(c.store.get(Path::new("a/2")).is_none());
+        assert!(c.store.get(Path::new("a/3")).is_some());
+        c.open_ref(Path::new("a/3"));
+        assert!(
+            !c.make_room(Path::new("a/big"), 250),
+            "the open copy cannot go"
+        );
+        assert!(c.store.get(Path::new("a/3")).is_some());
+        assert!(!c.make_room(Path::new("a/huge"), 301));
+    }
+}

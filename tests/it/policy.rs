@@ -297,6 +297,8 @@ fn mount_on(tmp: &tempfile::TempDir, nas: &LoopNas, opts: &[&str]) -> Mounted {
 fn concurrency_never_exceeds_the_limit() {
     require_mount!();
     let (tmp, nas, names) = loop_setup(5, 4 * CHUNK as usize);
+    // One file (f4) is read by a client while the others copy: the copies yield to it.
+    let (names, reader) = (names[..4].to_vec(), names[4].clone());
     let list = tmp.path().join("prefetch.txt");
     fs::write(&list, names.join("\n")).unwrap();
     nas.throttle(20_000_000);
@@ -312,7 +314,12 @@ fn concurrency_never_exceeds_the_limit() {
     let start = Instant::now();
     let mut max_running = 0;
     let mut seen_two = false;
+    let mut read_done = false;
     while complete(&m) < names.len() as u64 {
+        if !read_done && m.status()["jobs"].as_array().unwrap().len() >= 2 {
+            fs::read(m.path(&reader)).unwrap();
+            read_done = true;
+        }
         assert!(
             start.elapsed() < Duration::from_secs(60),
             "copies did not finish"
@@ -333,6 +340,12 @@ fn concurrency_never_exceeds_the_limit() {
         "at most 2 copies at once, saw {max_running}"
     );
     assert!(seen_two, "copies overlapped for real");
+    assert!(read_done);
+    assert!(
+        m.stats().worker_yields > 0,
+        "copies waited for the reader: {:?}",
+        m.stats()
+    );
 }
 
 #[test]
@@ -399,4 +412,27 @@ fn statistics_survive_a_restart() {
     assert_eq!(v["totals"]["overall"]["opens_passthrough"], 1);
     assert_eq!(v["totals"]["categories"]["loras"]["hits"], 1);
     assert_eq!(v["totals"]["categories"]["loras"]["misses"], 1);
+}
+
+#[test]
+fn the_bandwidth_cap_slows_background_copies() {
+    require_mount!();
+    let d = Dirs::new();
+    d.nas_file("loras/a.safetensors", 6 * CHUNK as usize, 1);
+    let list = d.tmp.path().join("prefetch.txt");
+    fs::write(&list, "loras/a.safetensors\n").unwrap();
+    let start = Instant::now();
+    let m = d.mount(&[
+        "min_size_mb=0",
+        "cache_bwlimit_mbps=8",
+        "cache_prefetch_strategy=prefetch_allowlist",
+        &format!("cache_prefetch_allowlist={}", list.display()),
+    ]);
+    m.wait_copies(1);
+    // 25.2 MB at 8 MB/s, less at most one second of burst: no faster than ~2 s.
+    let took = start.elapsed();
+    assert!(
+        took >= Duration::from_millis(2000),
+        "copy took only {took:?}"
+    );
 }
