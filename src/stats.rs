@@ -61,6 +61,8 @@ counters! {
     copies_completed,
     /// Background copy jobs that stopped with an error.
     copies_failed,
+    /// Background copy attempts retried after a NAS error.
+    copy_retries,
     /// Cache copies dropped because the NAS file changed.
     stale_dropped,
     /// Copies evicted (LRU, limits, trim).

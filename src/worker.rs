@@ -516,6 +516,7 @@ impl Worker {
             Ok(()) => {}
             Err(JobError::Retry(e)) if job.attempts + 1 < MAX_ATTEMPTS && !st.stopping => {
                 job.attempts += 1;
+                Stats::add(&self.stats.copy_retries, 1);
                 let delay = RETRY_BASE * 2u32.pow(job.attempts - 1);
                 tracing::warn!(path = %job.rel.display(), error = %e, attempt = job.attempts, ?delay, "copy failed; retrying");
                 job.not_before = Instant::now() + delay;
@@ -763,6 +764,29 @@ mod tests {
             )
             .unwrap();
         assert_eq!(planned[0].outcome, Outcome::NotFound);
+        w.stop();
+    }
+
+    #[test]
+    fn nas_errors_are_retried_with_backoff_then_fail() {
+        let (_d, _rt, w) = setup(Settings {
+            min_size: 0,
+            ..Settings::default()
+        });
+        // Not on the NAS: every attempt fails to open it.
+        assert!(w.enqueue(Path::new("loras/gone.safetensors"), Reason::Prefetch));
+        let start = Instant::now();
+        while w.stats.copies_failed.load(Ordering::Relaxed) == 0 {
+            assert!(start.elapsed() < Duration::from_secs(30), "never gave up");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        assert_eq!(
+            w.stats.copy_retries.load(Ordering::Relaxed),
+            u64::from(MAX_ATTEMPTS - 1)
+        );
+        // 1 s + 2 s + 4 s of backoff.
+        assert!(start.elapsed() >= Duration::from_secs(7));
+        assert!(w.jobs().is_empty());
         w.stop();
     }
 
