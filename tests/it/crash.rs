@@ -3,38 +3,10 @@
 use std::fs;
 use std::time::Duration;
 
-use crate::util::{CHUNK, LoopNas, Mounted, random_bytes, require_mount, sha256_file, wait_for};
+use crate::util::{CHUNK, LoopDirs, random_bytes, require_mount, sha256_file, wait_for};
 
-struct Setup {
-    tmp: tempfile::TempDir,
-    nas: LoopNas,
-}
-
-fn setup(size_mb: u64) -> Setup {
-    let tmp = tempfile::Builder::new()
-        .prefix("arenafs-crash")
-        .tempdir()
-        .unwrap();
-    let dir = tmp.path().join("nas");
-    fs::create_dir(&dir).unwrap();
-    let nas = LoopNas::new(&tmp.path().join("nas.img"), &dir, size_mb);
-    for d in ["mnt", "cache"] {
-        fs::create_dir(tmp.path().join(d)).unwrap();
-    }
-    Setup { tmp, nas }
-}
-
-impl Setup {
-    fn mount(&self, opts: &[&str]) -> Mounted {
-        let t = self.tmp.path();
-        Mounted::start(
-            &self.nas.dir,
-            &t.join("mnt"),
-            &t.join("cache"),
-            &t.join("ctl.sock"),
-            opts,
-        )
-    }
+fn setup(size_mb: u64) -> LoopDirs {
+    LoopDirs::new(size_mb)
 }
 
 #[test]

@@ -4,7 +4,7 @@
 use std::fs;
 use std::time::{Duration, Instant};
 
-use crate::util::{CHUNK, Dirs, LoopNas, Mounted, pread, random_bytes, require_mount, wait_for};
+use crate::util::{CHUNK, Dirs, LoopDirs, Mounted, pread, random_bytes, require_mount, wait_for};
 
 fn write_env(d: &Dirs, text: &str) -> String {
     let p = d.tmp.path().join("arena_autocache.env");
@@ -256,61 +256,35 @@ fn pinned_copies_are_not_evicted() {
     );
 }
 
-fn loop_setup(files: usize, size: usize) -> (tempfile::TempDir, LoopNas, Vec<String>) {
-    let tmp = tempfile::Builder::new()
-        .prefix("arenafs-pol")
-        .tempdir()
-        .unwrap();
-    let dir = tmp.path().join("nas");
-    fs::create_dir(&dir).unwrap();
-    let nas = LoopNas::new(
-        &tmp.path().join("nas.img"),
-        &dir,
-        64 + (files * size) as u64 / (1 << 20) * 2,
-    );
-    fs::create_dir(dir.join("loras")).unwrap();
+/// A loop-device NAS with `files` random files `loras/fN.safetensors` of `size` bytes, its page
+/// cache cold.
+fn loop_setup(files: usize, size: usize) -> (LoopDirs, Vec<String>) {
+    let s = LoopDirs::new(64 + (files * size) as u64 / (1 << 20) * 2);
+    fs::create_dir(s.nas.dir.join("loras")).unwrap();
     let names: Vec<String> = (0..files)
         .map(|i| format!("loras/f{i}.safetensors"))
         .collect();
     for (i, n) in names.iter().enumerate() {
-        fs::write(dir.join(n), random_bytes(size, i as u64)).unwrap();
+        fs::write(s.nas.dir.join(n), random_bytes(size, i as u64)).unwrap();
     }
-    for d in ["mnt", "cache"] {
-        fs::create_dir(tmp.path().join(d)).unwrap();
-    }
-    nas.remount();
-    (tmp, nas, names)
-}
-
-fn mount_on(tmp: &tempfile::TempDir, nas: &LoopNas, opts: &[&str]) -> Mounted {
-    let t = tmp.path();
-    Mounted::start(
-        &nas.dir,
-        &t.join("mnt"),
-        &t.join("cache"),
-        &t.join("ctl.sock"),
-        opts,
-    )
+    s.nas.remount();
+    (s, names)
 }
 
 #[test]
 fn concurrency_never_exceeds_the_limit() {
     require_mount!();
-    let (tmp, nas, names) = loop_setup(5, 4 * CHUNK as usize);
+    let (s, names) = loop_setup(5, 4 * CHUNK as usize);
     // One file (f4) is read by a client while the others copy: the copies yield to it.
     let (names, reader) = (names[..4].to_vec(), names[4].clone());
-    let list = tmp.path().join("prefetch.txt");
+    let list = s.tmp.path().join("prefetch.txt");
     fs::write(&list, names.join("\n")).unwrap();
-    nas.throttle(20_000_000);
-    let m = mount_on(
-        &tmp,
-        &nas,
-        &[
-            "cache_max_concurrency=2",
-            "cache_prefetch_strategy=prefetch_allowlist",
-            &format!("cache_prefetch_allowlist={}", list.display()),
-        ],
-    );
+    s.nas.throttle(20_000_000);
+    let m = s.mount(&[
+        "cache_max_concurrency=2",
+        "cache_prefetch_strategy=prefetch_allowlist",
+        &format!("cache_prefetch_allowlist={}", list.display()),
+    ]);
     let start = Instant::now();
     let mut max_running = 0;
     let mut seen_two = false;
@@ -334,7 +308,7 @@ fn concurrency_never_exceeds_the_limit() {
         seen_two |= running == 2;
         std::thread::sleep(Duration::from_millis(20));
     }
-    nas.throttle(0);
+    s.nas.throttle(0);
     assert!(
         max_running <= 2,
         "at most 2 copies at once, saw {max_running}"
@@ -352,17 +326,13 @@ fn concurrency_never_exceeds_the_limit() {
 fn the_byte_budget_stops_copies() {
     require_mount!();
     let size = 5 * CHUNK as usize; // 20.97 MB
-    let (tmp, nas, _names) = loop_setup(3, size);
+    let (s, _names) = loop_setup(3, size);
     // Eager mode copies what fits in the budget: one file of three.
-    let m = mount_on(
-        &tmp,
-        &nas,
-        &[
-            "cache_mode=eager",
-            "cache_session_byte_budget=30000000",
-            "min_size_mb=0",
-        ],
-    );
+    let m = s.mount(&[
+        "cache_mode=eager",
+        "cache_session_byte_budget=30000000",
+        "min_size_mb=0",
+    ]);
     let t = Instant::now();
     while complete(&m) != 1 {
         assert!(

@@ -364,3 +364,38 @@ impl Drop for LoopNas {
         let _ = fs::remove_file(&self.image);
     }
 }
+
+/// A loop-device NAS with mount point and cache dirs beside it, for one test.
+pub struct LoopDirs {
+    pub nas: LoopNas,
+    pub tmp: tempfile::TempDir,
+}
+
+impl LoopDirs {
+    /// An empty `size_mb` NAS.
+    pub fn new(size_mb: u64) -> Self {
+        let tmp = tempfile::Builder::new()
+            .prefix("arenafs-loop")
+            .tempdir()
+            .unwrap();
+        let dir = tmp.path().join("nas");
+        fs::create_dir(&dir).unwrap();
+        let nas = LoopNas::new(&tmp.path().join("nas.img"), &dir, size_mb);
+        for d in ["mnt", "cache"] {
+            fs::create_dir(tmp.path().join(d)).unwrap();
+        }
+        Self { nas, tmp }
+    }
+
+    /// Mounts arenafs over the NAS.
+    pub fn mount(&self, opts: &[&str]) -> Mounted {
+        let t = self.tmp.path();
+        Mounted::start(
+            &self.nas.dir,
+            &t.join("mnt"),
+            &t.join("cache"),
+            &t.join("ctl.sock"),
+            opts,
+        )
+    }
+}
