@@ -406,3 +406,20 @@ fn the_bandwidth_cap_slows_background_copies() {
         "copy took only {took:?}"
     );
 }
+
+#[test]
+fn manual_only_discovery_completes_nothing_by_itself() {
+    require_mount!();
+    let d = Dirs::new();
+    d.nas_file("loras/a.safetensors", 5 * CHUNK as usize, 1);
+    let m = d.mount(&["min_size_mb=0", "cache_discovery=manual_only"]);
+    let p = m.path("loras/a.safetensors");
+    for off in [0, 2 * CHUNK, 4 * CHUNK] {
+        pread(&p, off, 1 << 20); // well past the loading threshold
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let s = m.stats();
+    assert_eq!(s.session_bytes_downloaded, 0, "no background copy: {s:?}");
+    assert_eq!(s.bytes_fetched, 3 * CHUNK, "reads keep what they fetched");
+    assert_eq!(complete(&m), 0);
+}
