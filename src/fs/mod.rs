@@ -372,8 +372,10 @@ impl ArenaFs {
     /// loaded for real and the worker completes it (`workflow_only` discovery). A scanner that
     /// reads a header of each of many files stays below it and triggers no copy.
     fn note_loading(&self, cf: &Arc<CacheFile>, n: u64) {
+        // Once queued, a read costs one atomic add and one load here.
         let total = cf.read_bytes.fetch_add(n, Ordering::Relaxed) + n;
-        if total >= loading_threshold(cf.identity().size)
+        if !cf.queued.load(Ordering::Relaxed)
+            && total >= loading_threshold(cf.identity().size)
             && self.live.settings().discovery == Discovery::WorkflowOnly
             && !cf.queued.swap(true, Ordering::AcqRel)
         {

@@ -17,19 +17,8 @@ pub(crate) const PT_EXTENSIONS: &[&str] = &[
     ".sft",
 ];
 
-/// Extensions a model file name can end with (the PyTorch set plus GGUF).
-const MODEL_EXTENSIONS: &[&str] = &[
-    ".bin",
-    ".ckpt",
-    ".pkl",
-    ".pt",
-    ".pt2",
-    ".pth",
-    ".safetensors",
-    ".sft",
-    ".gguf",
-    ".onnx",
-];
+/// Extensions a model file name can end with besides the PyTorch set.
+const OTHER_MODEL_EXTENSIONS: &[&str] = &[".gguf", ".onnx"];
 
 /// Extensions `load_embed` appends, in its order, when `NAME` itself is not a file.
 const EMBEDDING_EXTENSIONS: &[&str] = &[".safetensors", ".pt", ".bin"];
@@ -63,7 +52,7 @@ pub(crate) fn has_extension(name: &str, extensions: &[&str]) -> bool {
 
 /// Whether a string looks like a model file name (used where a widget's position is unknown).
 pub(crate) fn looks_like_model_file(name: &str) -> bool {
-    has_extension(name, MODEL_EXTENSIONS)
+    has_extension(name, PT_EXTENSIONS) || has_extension(name, OTHER_MODEL_EXTENSIONS)
 }
 
 /// Candidate NAS-relative paths ComfyUI would try for `(category, path)`, in its search order.
