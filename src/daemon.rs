@@ -47,6 +47,11 @@ pub fn run(
         bail!("NAS directory {}: not a directory", nas_dir.display());
     }
     let nas = Arc::new(nas);
+    let token = cfg
+        .token_file
+        .as_deref()
+        .map(|p| control::read_token(p).with_context(|| format!("token file {}", p.display())))
+        .transpose()?;
     let mountpoint = mount::absolute(mountpoint)?;
     mount::prepare_mountpoint(&mountpoint)?;
     let Some(cache_dir) = loaded.settings.cache_dir.clone() else {
@@ -131,21 +136,47 @@ pub fn run(
         .socket
         .clone()
         .unwrap_or_else(|| control::default_socket(&mountpoint));
+    let reloader = Arc::new(parking_lot::Mutex::new(Reloader::new(
+        inputs,
+        live.clone(),
+        cache.clone(),
+        worker.clone(),
+        nas.clone(),
+    )));
+    let listen = control::Listen {
+        socket: socket.clone(),
+        socket_group: cfg.socket_group.clone(),
+        tcp: cfg.listen,
+        token: token.clone(),
+    };
     let server = control::Server::start(
-        &socket,
+        &listen,
         control::Shared {
             mountpoint: mountpoint.clone(),
-            nas: nas_dir.to_path_buf(),
+            nas_dir: nas_dir.to_path_buf(),
+            nas: nas.clone(),
             cache_dir: cache_dir.clone(),
             cache: cache.clone(),
             stats: stats.clone(),
             passthrough: passthrough.clone(),
             worker: worker.clone(),
             live: live.clone(),
+            reloader: reloader.clone(),
+            autopatch: Default::default(),
         },
     );
     let server = match server {
         Ok(s) => Some(s),
+        Err(e) if cfg.socket_group.is_some() || cfg.listen.is_some() => {
+            // The operator asked for a specific way in; a mount without it is not what they
+            // asked for.
+            let _ = nix::mount::umount2(&mountpoint, nix::mount::MntFlags::MNT_DETACH);
+            return Err(anyhow::Error::new(e).context(format!(
+                "control API ({}{})",
+                socket.display(),
+                cfg.listen.map(|a| format!(", {a}")).unwrap_or_default()
+            )));
+        }
         Err(e) => {
             tracing::warn!(socket = %socket.display(), error = %e, "control socket unavailable");
             None
@@ -157,6 +188,7 @@ pub fn run(
         mountpoint = %mountpoint.display(),
         cache = %cache_dir.display(),
         socket = %socket.display(),
+        listen = ?cfg.listen,
         "mounted"
     );
     report_ready();
@@ -174,13 +206,6 @@ pub fn run(
             })?;
     }
     spawn_signal_thread(signals, mountpoint.clone())?;
-    let reloader = Arc::new(parking_lot::Mutex::new(Reloader::new(
-        inputs,
-        live.clone(),
-        cache.clone(),
-        worker.clone(),
-        nas.clone(),
-    )));
     crate::reload::start_work(&live, &nas, &worker);
     let housekeeping = spawn_housekeeping(cache.clone(), stats.clone(), reloader.clone());
 

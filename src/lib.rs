@@ -13,13 +13,15 @@
 //! - [`mount`]: mounting, stale-mount recovery, unmounting.
 //! - [`options`]: mount options (`-o`) and their flag twins.
 //! - [`daemon`]: runs a mount until it is unmounted.
-//! - [`control`]: the control socket.
+//! - [`control`]: the control socket (server and client).
+//! - [`ctl`]: the control commands of the CLI (finding a daemon, printing its answers).
 //! - [`stats`]: counters of a daemon run.
 //! - [`workflow`]: which model files a ComfyUI workflow loads (pure, no I/O on the NAS).
 
 pub mod cache;
 pub mod config;
 pub mod control;
+pub mod ctl;
 pub mod daemon;
 pub mod fs;
 pub mod models;

@@ -27,10 +27,18 @@ struct Cli {
 enum Command {
     /// Mount NAS at MOUNTPOINT, caching on CACHE_DIR.
     Mount(MountArgs),
-    /// Print the daemon's counters (JSON).
-    Stats(SocketArgs),
-    /// Print the daemon's status (JSON).
-    Status(SocketArgs),
+    /// Show what the daemon is doing: state, space, copies with progress.
+    Status(StatusArgs),
+    /// Show the counters: since the daemon started and over all runs.
+    Stats(StatsArgs),
+    /// Queue copies of models (category/filename ...), within the cooldown and byte budget.
+    Prefetch(PrefetchArgs),
+    /// Say, without changing anything, what caching these models would mean.
+    Resolve(ResolveArgs),
+    /// Remove copies from the cache: by size, age, category or file.
+    Trim(TrimArgs),
+    /// Re-read the env file now (it is also re-read when it changes).
+    Reload(Target),
     /// Unmount an arenafs mount (the daemon then exits).
     Unmount {
         /// The mount point.
@@ -87,19 +95,118 @@ struct MountArgs {
     log_file: Option<PathBuf>,
 }
 
+/// Which daemon to talk to.
 #[derive(clap::Args, Debug)]
-struct SocketArgs {
-    /// The mount point whose daemon to ask.
+struct Target {
+    /// The mount point whose daemon to ask [default: the only arenafs mount].
+    #[arg(short = 'm', long)]
     mountpoint: Option<PathBuf>,
     /// The control socket (instead of deriving it from the mount point).
     #[arg(long)]
     socket: Option<PathBuf>,
 }
 
+impl Target {
+    fn socket(&self) -> Result<PathBuf> {
+        arenafs::ctl::find_socket(self.mountpoint.as_deref(), self.socket.as_deref())
+    }
+}
+
+#[derive(clap::Args, Debug)]
+struct StatusArgs {
+    /// The mount point (same as --mountpoint).
+    #[arg(value_name = "MOUNTPOINT")]
+    at: Option<PathBuf>,
+    #[command(flatten)]
+    target: Target,
+    /// Print the daemon's JSON answer.
+    #[arg(long, conflicts_with = "watch")]
+    json: bool,
+    /// Redraw until interrupted, with a progress bar per running copy.
+    #[arg(long)]
+    watch: bool,
+    /// Seconds between redraws with --watch.
+    #[arg(long, default_value_t = 1.0, requires = "watch")]
+    interval: f64,
+}
+
+#[derive(clap::Args, Debug)]
+struct StatsArgs {
+    /// The mount point (same as --mountpoint).
+    #[arg(value_name = "MOUNTPOINT")]
+    at: Option<PathBuf>,
+    #[command(flatten)]
+    target: Target,
+    /// Print the daemon's JSON answer.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(clap::Args, Debug)]
+struct PrefetchArgs {
+    /// Models as category/filename (category key or folder name).
+    #[arg(required = true, value_name = "CATEGORY/FILE")]
+    models: Vec<String>,
+    #[command(flatten)]
+    target: Target,
+    /// Wait until the copies are complete, showing their progress.
+    #[arg(long)]
+    wait: bool,
+    /// Print the daemon's JSON answer.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(clap::Args, Debug)]
+struct ResolveArgs {
+    /// Models as category/filename (category key or folder name).
+    #[arg(required = true, value_name = "CATEGORY/FILE")]
+    models: Vec<String>,
+    #[command(flatten)]
+    target: Target,
+    /// Print the daemon's JSON answer.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(clap::Args, Debug)]
+#[command(group(clap::ArgGroup::new("what").required(true).multiple(true)
+    .args(["to", "older_than", "category", "file"])))]
+struct TrimArgs {
+    /// Evict least recently used copies until the cache holds at most SIZE (50G, 800MiB).
+    #[arg(long, value_parser = arenafs::ctl::parse_size, value_name = "SIZE")]
+    to: Option<u64>,
+    /// Remove copies not used for DUR (90s, 30m, 12h, 7d, 2w).
+    #[arg(long, value_parser = arenafs::ctl::parse_duration, value_name = "DUR")]
+    older_than: Option<std::time::Duration>,
+    /// Remove the copies of a category (key or folder name).
+    #[arg(long, value_name = "CATEGORY")]
+    category: Option<String>,
+    /// Remove the copy of one model (category/filename), even if pinned.
+    #[arg(long, value_name = "CATEGORY/FILE")]
+    file: Option<String>,
+    /// Only say what would be removed.
+    #[arg(long)]
+    dry_run: bool,
+    #[command(flatten)]
+    target: Target,
+    /// Print the daemon's JSON answer.
+    #[arg(long)]
+    json: bool,
+}
+
+/// A mistake in the command line: exit code 2.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct UsageError(String);
+
 /// `mount.fuse3` runs `arenafs NAS MOUNTPOINT -o OPTS`: treat a first argument that is not a
 /// subcommand as `mount`.
 fn normalise_args(mut args: Vec<String>) -> Vec<String> {
-    const COMMANDS: &[&str] = &["mount", "stats", "status", "unmount", "config", "help"];
+    const COMMANDS: &[&str] = &[
+        "mount", "status", "stats", "prefetch", "resolve", "trim", "reload", "unmount", "config",
+        "help",
+    ];
     if let Some(first) = args.get(1)
         && !first.starts_with('-')
         && !COMMANDS.contains(&first.as_str())
@@ -121,6 +228,10 @@ fn main() -> ExitCode {
     };
     match run(cli, &args) {
         Ok(()) => ExitCode::SUCCESS,
+        Err(e) if e.is::<UsageError>() => {
+            eprintln!("arenafs: {e:#}");
+            ExitCode::from(2)
+        }
         Err(e) => {
             eprintln!("arenafs: {e:#}");
             daemon::report_failure(&format!("{e:#}"));
@@ -151,8 +262,33 @@ fn run(cli: Cli, args: &[String]) -> Result<()> {
     }
     match cli.command {
         Command::Mount(m) => mount(m, args),
-        Command::Stats(s) => print_get(&s, "/arena/stats"),
-        Command::Status(s) => print_get(&s, "/arena/status"),
+        Command::Status(a) => status(a),
+        Command::Stats(a) => {
+            let socket = with_at(a.at, a.target).socket()?;
+            let st = call(&socket, "GET", "/arena/stats", None)?;
+            print_answer(&st, a.json, arenafs::ctl::format_stats);
+            Ok(())
+        }
+        Command::Prefetch(a) => prefetch(a),
+        Command::Resolve(a) => {
+            let socket = a.target.socket()?;
+            let body = serde_json::json!({ "models": refs(&a.models)? });
+            let answer = call(&socket, "POST", "/arena/resolve", Some(&body))?;
+            print_answer(&answer, a.json, arenafs::ctl::format_models);
+            Ok(())
+        }
+        Command::Trim(a) => trim(a),
+        Command::Reload(t) => {
+            let answer = call(&t.socket()?, "POST", "/arena/reload", None)?;
+            let changed = answer["changed"].as_array().cloned().unwrap_or_default();
+            if changed.is_empty() {
+                println!("reloaded; nothing changed");
+            }
+            for c in changed {
+                println!("changed {}", c.as_str().unwrap_or(""));
+            }
+            Ok(())
+        }
         Command::Unmount { mountpoint } => {
             arenafs::mount::unmount(&mountpoint)
                 .with_context(|| format!("unmounting {}", mountpoint.display()))?;
@@ -314,13 +450,199 @@ fn spawn_background(args: &[String], log: &std::path::Path) -> Result<()> {
     }
 }
 
-fn print_get(s: &SocketArgs, path: &str) -> Result<()> {
-    let socket = match (&s.socket, &s.mountpoint) {
-        (Some(p), _) => p.clone(),
-        (None, Some(mp)) => arenafs::control::default_socket(&arenafs::mount::absolute(mp)?),
-        (None, None) => bail!("give a mount point or --socket"),
-    };
-    let body = arenafs::control::client::get(&socket, path)?;
-    println!("{body}");
+fn with_at(at: Option<PathBuf>, mut t: Target) -> Target {
+    if t.mountpoint.is_none() {
+        t.mountpoint = at;
+    }
+    t
+}
+
+fn call(
+    socket: &std::path::Path,
+    method: &str,
+    path: &str,
+    body: Option<&serde_json::Value>,
+) -> Result<serde_json::Value> {
+    Ok(arenafs::control::client::call(socket, method, path, body)?)
+}
+
+fn print_answer(v: &serde_json::Value, json: bool, human: fn(&serde_json::Value) -> String) {
+    if json {
+        println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
+    } else {
+        print!("{}", human(v));
+    }
+}
+
+/// Checks model references here, so that a typo is a usage error (exit 2).
+fn refs(models: &[String]) -> Result<Vec<String>> {
+    for m in models {
+        arenafs::models::parse_path(m).map_err(|e| UsageError(format!("{m}: {e}")))?;
+    }
+    Ok(models.to_vec())
+}
+
+fn status(a: StatusArgs) -> Result<()> {
+    let socket = with_at(a.at, a.target).socket()?;
+    if !a.watch {
+        let st = call(&socket, "GET", "/arena/status", None)?;
+        print_answer(&st, a.json, arenafs::ctl::format_status);
+        return Ok(());
+    }
+    let every = std::time::Duration::from_secs_f64(a.interval.clamp(0.1, 3600.0));
+    let mut bars = Bars::new();
+    loop {
+        let st = call(&socket, "GET", "/arena/status", None)?;
+        let jobs = st["jobs"].as_array().cloned().unwrap_or_default();
+        if bars.on_terminal() {
+            bars.header.set_message(format!(
+                "{}: {} used of {}, {} running, {} queued",
+                st["mountpoint"].as_str().unwrap_or("?"),
+                arenafs::ctl::human_bytes(st["cache_used_bytes"].as_u64().unwrap_or(0)),
+                arenafs::ctl::human_bytes(st["cache_limit_bytes"].as_u64().unwrap_or(0)),
+                jobs.iter().filter(|j| j["state"] == "running").count(),
+                st["queue_length"].as_u64().unwrap_or(0)
+            ));
+            bars.update(&jobs);
+        } else {
+            // Not a terminal (a log, a pipe): one line per copy per round.
+            println!(
+                "{} running, {} queued, {} used",
+                jobs.iter().filter(|j| j["state"] == "running").count(),
+                st["queue_length"].as_u64().unwrap_or(0),
+                arenafs::ctl::human_bytes(st["cache_used_bytes"].as_u64().unwrap_or(0))
+            );
+            for j in &jobs {
+                println!("  {}", arenafs::ctl::job_line(j));
+            }
+        }
+        std::thread::sleep(every);
+    }
+}
+
+/// One progress bar per running copy (the "visual copy status indicator").
+struct Bars {
+    multi: indicatif::MultiProgress,
+    header: indicatif::ProgressBar,
+    bars: std::collections::HashMap<String, indicatif::ProgressBar>,
+}
+
+impl Bars {
+    fn new() -> Self {
+        let multi = indicatif::MultiProgress::new();
+        let header = multi.add(indicatif::ProgressBar::new_spinner());
+        header.set_style(indicatif::ProgressStyle::with_template("{msg}").expect("template"));
+        Self {
+            multi,
+            header,
+            bars: Default::default(),
+        }
+    }
+
+    fn on_terminal(&self) -> bool {
+        !self.multi.is_hidden()
+    }
+
+    /// Shows the running copies of `jobs`; bars of copies that ended are finished.
+    fn update(&mut self, jobs: &[serde_json::Value]) {
+        let style = indicatif::ProgressStyle::with_template(
+            "{wide_msg} {bar:30} {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+        )
+        .expect("template");
+        let mut seen = std::collections::HashSet::new();
+        for j in jobs.iter().filter(|j| j["state"] == "running") {
+            let path = j["path"].as_str().unwrap_or("?").to_string();
+            seen.insert(path.clone());
+            let bar = self.bars.entry(path.clone()).or_insert_with(|| {
+                let b = self.multi.add(indicatif::ProgressBar::new(0));
+                b.set_style(style.clone());
+                b.set_message(path.clone());
+                b
+            });
+            bar.set_length(j["total_bytes"].as_u64().unwrap_or(0));
+            bar.set_position(j["done_bytes"].as_u64().unwrap_or(0));
+        }
+        self.bars.retain(|path, bar| {
+            if seen.contains(path) {
+                return true;
+            }
+            bar.finish();
+            false
+        });
+    }
+}
+
+fn prefetch(a: PrefetchArgs) -> Result<()> {
+    let socket = a.target.socket()?;
+    let body = serde_json::json!({ "models": refs(&a.models)? });
+    let answer = call(&socket, "POST", "/arena/prefetch", Some(&body))?;
+    if !a.wait {
+        print_answer(&answer, a.json, arenafs::ctl::format_models);
+        return Ok(());
+    }
+    let mut waiting: std::collections::HashSet<String> = answer["models"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|m| m["reason"] == "queued" || m["reason"] == "already_queued")
+        .filter_map(|m| m["path"].as_str().map(str::to_string))
+        .collect();
+    let mut bars = Bars::new();
+    while !waiting.is_empty() {
+        let jobs = call(&socket, "GET", "/arena/jobs", None)?;
+        let jobs: Vec<serde_json::Value> = jobs["jobs"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|j| j["path"].as_str().is_some_and(|p| waiting.contains(p)))
+            .cloned()
+            .collect();
+        bars.update(&jobs);
+        waiting.retain(|p| jobs.iter().any(|j| j["path"] == p.as_str()));
+        if !waiting.is_empty() {
+            std::thread::sleep(std::time::Duration::from_millis(250));
+        }
+    }
+    bars.update(&[]);
+    // What the cache holds now, from the daemon (not assumed).
+    let now = call(&socket, "POST", "/arena/resolve", Some(&body))?;
+    print_answer(&now, a.json, arenafs::ctl::format_models);
+    let incomplete: Vec<String> = now["models"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|m| {
+            m["status"] == "found"
+                && m["cached"] != "complete"
+                && matches!(
+                    m["reason"].as_str(),
+                    Some("queued" | "already_queued" | "budget_exceeded")
+                )
+        })
+        .map(|m| m["path"].as_str().unwrap_or("?").to_string())
+        .collect();
+    if !incomplete.is_empty() {
+        bail!(
+            "not complete: {} (see the daemon's log)",
+            incomplete.join(", ")
+        );
+    }
+    Ok(())
+}
+
+fn trim(a: TrimArgs) -> Result<()> {
+    let socket = a.target.socket()?;
+    if let Some(f) = &a.file {
+        refs(std::slice::from_ref(f))?;
+    }
+    let body = serde_json::json!({
+        "to_bytes": a.to,
+        "older_than_secs": a.older_than.map(|d| d.as_secs()),
+        "category": a.category,
+        "file": a.file,
+        "dry_run": a.dry_run,
+    });
+    let answer = call(&socket, "POST", "/arena/trim", Some(&body))?;
+    print_answer(&answer, a.json, arenafs::ctl::format_trim);
     Ok(())
 }

@@ -58,7 +58,7 @@ pub fn parse(category: &str, filename: &str) -> Result<ModelRef, RefError> {
         .filter(|p| !p.is_empty() && *p != ".")
         .collect();
     if parts.contains(&"..") || category == ".." || category == "." {
-        return Err(RefError::Parent(filename));
+        return Err(RefError::Parent(format!("{category}/{filename}")));
     }
     Ok(ModelRef {
         category: category_key(category).to_string(),

@@ -28,6 +28,12 @@ pub struct MountOptions {
     pub attr_ttl: Duration,
     /// Control socket path (default from the mount point).
     pub socket: Option<PathBuf>,
+    /// Group given the control socket (name or number), so another user can reach it.
+    pub socket_group: Option<String>,
+    /// Optional TCP listener of the control API (`127.0.0.1:9464`); off by default.
+    pub listen: Option<std::net::SocketAddr>,
+    /// File holding the bearer token that allows changes over the TCP listener.
+    pub token_file: Option<PathBuf>,
     /// FUSE request threads.
     pub threads: usize,
     /// Log file of a background daemon.
@@ -48,6 +54,9 @@ impl Default for MountOptions {
             passthrough: true,
             attr_ttl: Duration::from_secs(1),
             socket: None,
+            socket_group: None,
+            listen: None,
+            token_file: None,
             threads: 8,
             log_file: None,
             env_file: None,
@@ -73,6 +82,14 @@ impl MountOptions {
         let need = |_: ()| value.ok_or_else(|| format!("option {key} needs a value ({key}=...)"));
         match key {
             "socket" => self.socket = Some(PathBuf::from(need(())?)),
+            "socket_group" => self.socket_group = Some(need(())?.to_string()),
+            "listen" => {
+                let v = need(())?;
+                self.listen = Some(v.trim().parse().map_err(|_| {
+                    format!("option {key}: '{v}' is not an address:port (e.g. 127.0.0.1:9464)")
+                })?)
+            }
+            "token_file" => self.token_file = Some(PathBuf::from(need(())?)),
             "log_file" => self.log_file = Some(PathBuf::from(need(())?)),
             "env" => self.env_file = Some(PathBuf::from(need(())?)),
             "passthrough" => {
@@ -156,6 +173,10 @@ mod tests {
             .unwrap();
         assert!(!c.allow_other && !c.default_permissions && !c.passthrough);
         assert_eq!(c.attr_ttl, Duration::from_millis(500));
+        c.apply_opts("listen=127.0.0.1:9464,token_file=/etc/arenafs/token,socket_group=comfy")
+            .unwrap();
+        assert_eq!(c.listen, Some("127.0.0.1:9464".parse().unwrap()));
+        assert_eq!(c.socket_group.as_deref(), Some("comfy"));
     }
 
     #[test]
@@ -167,6 +188,8 @@ mod tests {
             "attr_timeout=-1",
             "threads=x",
             "env",
+            "listen=localhost",
+            "listen=9464",
         ] {
             let err = MountOptions::default().apply_opts(bad).unwrap_err();
             assert!(!err.is_empty(), "{bad}");

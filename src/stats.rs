@@ -17,6 +17,8 @@ macro_rules! counters {
             $($(#[$doc])* pub $name: AtomicU64,)*
             categories: Mutex<BTreeMap<String, CategoryStats>>,
             earlier: Mutex<Totals>,
+            /// Latency of reads served in user space, by where their bytes came from.
+            pub read_latency: ReadLatency,
         }
 
         /// A point-in-time copy of [`Stats`].
@@ -75,6 +77,72 @@ counters! {
     session_bytes_downloaded,
     /// Read requests that failed with an error.
     read_errors,
+}
+
+/// Upper bounds, in seconds, of the read latency histogram buckets (plus `+Inf`).
+pub const LATENCY_BOUNDS: [f64; 12] = [
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 2.5,
+];
+
+/// A latency histogram with the buckets of [`LATENCY_BOUNDS`].
+#[derive(Debug, Default)]
+pub struct Histogram {
+    buckets: [AtomicU64; LATENCY_BOUNDS.len()],
+    count: AtomicU64,
+    sum_ns: AtomicU64,
+}
+
+/// A point-in-time copy of a [`Histogram`], with cumulative bucket counts.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct HistogramSnapshot {
+    /// `(upper bound in seconds, observations <= bound)`.
+    pub buckets: Vec<(f64, u64)>,
+    /// Observations.
+    pub count: u64,
+    /// Sum of the observations, seconds.
+    pub sum_secs: f64,
+}
+
+impl Histogram {
+    /// Records one observation.
+    pub fn observe(&self, d: std::time::Duration) {
+        let secs = d.as_secs_f64();
+        if let Some(i) = LATENCY_BOUNDS.iter().position(|b| secs <= *b) {
+            self.buckets[i].fetch_add(1, Ordering::Relaxed);
+        }
+        self.count.fetch_add(1, Ordering::Relaxed);
+        self.sum_ns
+            .fetch_add(d.as_nanos().min(u64::MAX as u128) as u64, Ordering::Relaxed);
+    }
+
+    /// Cumulative counts, as Prometheus wants them.
+    pub fn snapshot(&self) -> HistogramSnapshot {
+        let mut acc = 0;
+        let buckets = LATENCY_BOUNDS
+            .iter()
+            .zip(&self.buckets)
+            .map(|(b, c)| {
+                acc += c.load(Ordering::Relaxed);
+                (*b, acc)
+            })
+            .collect();
+        HistogramSnapshot {
+            buckets,
+            count: self.count.load(Ordering::Relaxed),
+            sum_secs: self.sum_ns.load(Ordering::Relaxed) as f64 / 1e9,
+        }
+    }
+}
+
+/// Read latency by source of the bytes.
+#[derive(Debug, Default)]
+pub struct ReadLatency {
+    /// Reads of a complete copy (user space; passthrough reads never reach the daemon).
+    pub ssd: Histogram,
+    /// Reads of a copy being filled (from the SSD where present, else fetched from the NAS).
+    pub fill: Histogram,
+    /// Reads straight from the NAS (files not cached by policy).
+    pub nas: Histogram,
 }
 
 /// Counters of one category.
@@ -181,5 +249,21 @@ mod tests {
         // Old persisted records with fewer fields still load.
         let old: Totals = serde_json::from_str(r#"{"overall":{"opens_nas":4}}"#).unwrap();
         assert_eq!(old.overall.opens_nas, 4);
+    }
+
+    #[test]
+    fn histogram_buckets_are_cumulative() {
+        let h = Histogram::default();
+        for us in [50, 50, 700, 30_000, 9_000_000] {
+            h.observe(std::time::Duration::from_micros(us));
+        }
+        let s = h.snapshot();
+        assert_eq!(s.count, 5);
+        assert_eq!(s.buckets[0], (0.0001, 2));
+        assert_eq!(s.buckets[3], (0.001, 3));
+        assert_eq!(s.buckets[8], (0.05, 4));
+        // 9 s is above every bound: only in +Inf (the count).
+        assert_eq!(s.buckets.last().unwrap().1, 4);
+        assert!((s.sum_secs - 9.0308).abs() < 1e-9);
     }
 }

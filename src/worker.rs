@@ -84,10 +84,31 @@ pub enum RequestError {
 pub struct Planned {
     /// NAS-relative path.
     pub path: PathBuf,
-    /// Bytes still to fetch.
+    /// Size on the NAS (0 when not found).
+    pub size: u64,
+    /// Bytes not yet in the cache.
     pub missing: u64,
     /// Queued, or why not.
     pub outcome: Outcome,
+}
+
+impl Planned {
+    fn not_found(p: &Path) -> Self {
+        Self {
+            path: p.to_path_buf(),
+            size: 0,
+            missing: 0,
+            outcome: Outcome::NotFound,
+        }
+    }
+
+    /// Bytes a request would fetch for this file.
+    pub fn to_fetch(&self) -> u64 {
+        match self.outcome {
+            Outcome::Queued => self.missing,
+            _ => 0,
+        }
+    }
 }
 
 /// What a bulk request did with one file.
@@ -281,6 +302,46 @@ impl Worker {
         true
     }
 
+    /// What a request for `paths` would do, without doing it: for each file its size, the bytes
+    /// not yet cached and whether it would be queued (or why not).
+    pub fn plan(&self, paths: &[PathBuf]) -> Vec<Planned> {
+        let making = self.live.settings().state() == CacheState::Red;
+        let policy = self.live.policy();
+        let st = self.state.lock();
+        let busy: HashSet<&PathBuf> = paths
+            .iter()
+            .filter(|p| st.queued.contains(*p) || st.running.contains_key(*p))
+            .collect();
+        drop(st);
+        paths
+            .iter()
+            .map(|p| {
+                let Ok(st) = self.nas.stat(p) else {
+                    return Planned::not_found(p);
+                };
+                if st.st_mode & libc::S_IFMT != libc::S_IFREG {
+                    return Planned::not_found(p);
+                }
+                let size = st.st_size as u64;
+                let missing = self.cache.missing_bytes(p, self.cache.rule().identity(&st));
+                let outcome = match policy.decide(p, size) {
+                    Decision::Cache if missing == 0 => Outcome::Complete,
+                    Decision::Cache if !making => Outcome::CachingOff,
+                    Decision::Cache if busy.contains(p) => Outcome::AlreadyQueued,
+                    Decision::Cache => Outcome::Queued,
+                    Decision::Disabled => Outcome::CachingOff,
+                    d => Outcome::NotAllowed(d),
+                };
+                Planned {
+                    path: p.clone(),
+                    size,
+                    missing,
+                    outcome,
+                }
+            })
+            .collect()
+    }
+
     /// A bulk request (prefetch list, required set, allow-list): checks the cooldown and the
     /// byte budget for the whole list, then queues what needs copying. Nothing is queued when
     /// the request is refused.
@@ -291,36 +352,7 @@ impl Worker {
         bulk: bool,
     ) -> Result<Vec<Planned>, RequestError> {
         let settings = self.live.settings();
-        let making = settings.state() == CacheState::Red;
-        let policy = self.live.policy();
-        let mut planned = Vec::with_capacity(paths.len());
-        for p in paths {
-            let outcome_missing = match self.nas.stat(p) {
-                Ok(st) if st.st_mode & libc::S_IFMT == libc::S_IFREG => {
-                    let size = st.st_size as u64;
-                    let identity = self.cache.rule().identity(&st);
-                    match policy.decide(p, size) {
-                        Decision::Cache if !making => (Outcome::CachingOff, 0),
-                        Decision::Cache => {
-                            let missing = self.cache.missing_bytes(p, identity);
-                            if missing == 0 {
-                                (Outcome::Complete, 0)
-                            } else {
-                                (Outcome::Queued, missing)
-                            }
-                        }
-                        Decision::Disabled => (Outcome::CachingOff, 0),
-                        d => (Outcome::NotAllowed(d), 0),
-                    }
-                }
-                _ => (Outcome::NotFound, 0),
-            };
-            planned.push(Planned {
-                path: p.clone(),
-                missing: outcome_missing.1,
-                outcome: outcome_missing.0,
-            });
-        }
+        let mut planned = self.plan(paths);
         let mut st = self.state.lock();
         if bulk && let Some(last) = st.last_bulk {
             let elapsed = last.elapsed();
@@ -333,12 +365,8 @@ impl Worker {
         }
         let needed: u64 = planned
             .iter()
-            .filter(|p| {
-                p.outcome == Outcome::Queued
-                    && !st.queued.contains(&p.path)
-                    && !st.running.contains_key(&p.path)
-            })
-            .map(|p| p.missing)
+            .filter(|p| !st.queued.contains(&p.path) && !st.running.contains_key(&p.path))
+            .map(Planned::to_fetch)
             .sum();
         if settings.session_byte_budget > 0 {
             let remaining = self.budget_remaining(settings.session_byte_budget);

@@ -1,23 +1,30 @@
 //! The control socket: HTTP/1.1 + JSON over a unix socket, one per mount.
 //!
-//! This first version serves the read-only endpoints the data path needs to be observed:
-//! `GET /arena/status` and `GET /arena/stats`.
+//! Endpoints (docs/control-api.md): `GET /arena/status`, `GET /arena/stats`, `GET /arena/jobs`,
+//! `GET /metrics`, `POST /arena/autopatch`, `POST /arena/resolve`, `POST /arena/prefetch`,
+//! `POST /arena/trim`, `POST /arena/reload`. An optional TCP listener serves the same router
+//! behind a guard that only lets reads through unless a bearer token is configured.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 
-use axum::extract::State;
-use axum::routing::get;
-use axum::{Json, Router};
-use serde::Serialize;
+use axum::Router;
+use axum::extract::{DefaultBodyLimit, State};
+use axum::routing::{get, post};
+use parking_lot::Mutex;
 
+pub mod api;
 pub mod client;
+pub mod error;
+pub mod metrics;
 
-use crate::cache::{Cache, Usage};
-use crate::config::{CacheState, Live};
-use crate::stats::{Stats, StatsSnapshot, Totals};
-use crate::worker::{JobInfo, Worker};
+use crate::cache::Cache;
+use crate::config::Live;
+use crate::reload::Reloader;
+use crate::source::Nas;
+use crate::stats::Stats;
+use crate::worker::Worker;
 
 /// Default directory of control sockets.
 pub const SOCKET_DIR: &str = "/run/arenafs";
@@ -35,8 +42,10 @@ pub fn default_socket(mountpoint: &Path) -> PathBuf {
 pub struct Shared {
     /// Mount point.
     pub mountpoint: PathBuf,
-    /// NAS directory.
-    pub nas: PathBuf,
+    /// NAS directory as given.
+    pub nas_dir: PathBuf,
+    /// The NAS.
+    pub nas: Arc<Nas>,
     /// Cache directory as given.
     pub cache_dir: PathBuf,
     /// The cache.
@@ -49,122 +58,178 @@ pub struct Shared {
     pub worker: Arc<Worker>,
     /// The settings in force.
     pub live: Arc<Live>,
-}
-
-/// `GET /arena/status`.
-#[derive(Debug, Serialize)]
-pub struct Status {
-    /// Always "ok" when the daemon answers.
-    pub status: String,
-    /// Mount point.
-    pub mountpoint: PathBuf,
-    /// NAS directory.
-    pub nas_dir: PathBuf,
-    /// Cache directory.
-    pub cache_dir: PathBuf,
-    /// Whether complete copies are served with kernel passthrough.
-    pub passthrough_available: bool,
-    /// Entries in the cache index.
-    pub cache_entries: usize,
-    /// Entries whose copy is complete.
-    pub cache_complete_entries: usize,
-    /// Bytes of cached data.
-    pub cache_used_bytes: u64,
-    /// Space figures (sizes of all copies, limit, free space, reserve).
-    pub usage: Usage,
-    /// The size the cache may reach now.
-    pub cache_limit_bytes: u64,
-    /// gray, green or red.
-    pub cache_state: CacheState,
-    /// Copies running and queued, with progress.
-    pub jobs: Vec<JobInfo>,
-    /// Queued copies.
-    pub queue_length: usize,
-    /// Files in the required set.
-    pub required_models_count: usize,
-    /// Counters since start.
-    pub stats: StatsSnapshot,
-}
-
-async fn status(State(s): State<Shared>) -> Json<Status> {
-    Json(Status {
-        status: "ok".into(),
-        mountpoint: s.mountpoint.clone(),
-        nas_dir: s.nas.clone(),
-        cache_dir: s.cache_dir.clone(),
-        passthrough_available: s.passthrough.load(Ordering::Relaxed),
-        cache_entries: s.cache.store().len(),
-        cache_complete_entries: s.cache.store().complete_count(),
-        cache_used_bytes: s.cache.store().used_bytes(),
-        usage: s.cache.usage(),
-        cache_limit_bytes: s.cache.usage().limit(),
-        cache_state: s.live.settings().state(),
-        jobs: s.worker.jobs(),
-        queue_length: s.worker.queue_len(),
-        required_models_count: s.worker.required_len(),
-        stats: s.stats.snapshot(),
-    })
-}
-
-/// `GET /arena/stats`: counters since start (flat, per category) and totals over all runs.
-#[derive(Debug, Serialize)]
-pub struct StatsReport {
-    /// Counters since this daemon started.
-    #[serde(flatten)]
-    pub since_start: StatsSnapshot,
-    /// Per category since start.
-    pub categories: std::collections::BTreeMap<String, crate::stats::CategoryStats>,
-    /// Earlier runs plus this one (persisted in the cache index).
-    pub totals: Totals,
-}
-
-async fn stats(State(s): State<Shared>) -> Json<StatsReport> {
-    let now = s.stats.since_start();
-    Json(StatsReport {
-        since_start: now.overall,
-        categories: now.categories,
-        totals: s.stats.totals(),
-    })
+    /// Re-reads the env file on `POST /arena/reload`.
+    pub reloader: Arc<Mutex<Reloader>>,
+    /// The required set of `POST /arena/autopatch`.
+    pub autopatch: Arc<Mutex<api::Autopatch>>,
 }
 
 /// The router of the control API.
 pub fn router(shared: Shared) -> Router {
     Router::new()
-        .route("/arena/status", get(status))
-        .route("/arena/stats", get(stats))
+        .route("/arena/status", get(api::status))
+        .route("/arena/stats", get(api::stats))
+        .route("/arena/jobs", get(api::jobs))
+        .route("/metrics", get(metrics::metrics))
+        .route("/arena/autopatch", post(api::autopatch))
+        .route("/arena/resolve", post(api::resolve))
+        .route("/arena/prefetch", post(api::prefetch))
+        .route("/arena/trim", post(api::trim))
+        .route("/arena/reload", post(api::reload))
+        .fallback(api::not_found)
+        .method_not_allowed_fallback(api::method_not_allowed)
+        .layer(DefaultBodyLimit::max(error::BODY_LIMIT))
         .with_state(shared)
+}
+
+/// Where and how the control API listens.
+#[derive(Clone, Debug, Default)]
+pub struct Listen {
+    /// The unix socket (always).
+    pub socket: PathBuf,
+    /// Group to give the socket (name or number).
+    pub socket_group: Option<String>,
+    /// Optional TCP address.
+    pub tcp: Option<std::net::SocketAddr>,
+    /// Bearer token that allows changes over TCP (without one, TCP is read-only).
+    pub token: Option<String>,
+}
+
+/// Reads a token file: the first line, trimmed; refuses an empty one.
+pub fn read_token(path: &Path) -> std::io::Result<String> {
+    let text = std::fs::read_to_string(path)?;
+    let token = text.lines().next().unwrap_or("").trim().to_string();
+    if token.is_empty() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("{} holds no token", path.display()),
+        ));
+    }
+    Ok(token)
+}
+
+/// Resolves a group name or number.
+fn group_id(group: &str) -> std::io::Result<nix::unistd::Gid> {
+    if let Ok(n) = group.parse::<u32>() {
+        return Ok(nix::unistd::Gid::from_raw(n));
+    }
+    match nix::unistd::Group::from_name(group) {
+        Ok(Some(g)) => Ok(g.gid),
+        Ok(None) => Err(std::io::Error::new(
+            std::io::ErrorKind::NotFound,
+            format!("no group named {group:?}"),
+        )),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Over TCP, only reads are open to all; changes need `Authorization: Bearer <token>`, and are
+/// refused outright when no token is configured.
+async fn tcp_guard(
+    State(token): State<Option<Arc<str>>>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    use axum::http::{Method, StatusCode};
+    use axum::response::IntoResponse;
+    if matches!(*req.method(), Method::GET | Method::HEAD) {
+        return next.run(req).await;
+    }
+    let Some(token) = token else {
+        return error::ApiError::new(
+            StatusCode::FORBIDDEN,
+            "READ_ONLY",
+            "the TCP listener is read-only; configure token_file to allow changes, or use the unix socket",
+        )
+        .into_response();
+    };
+    let given = req
+        .headers()
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    if !constant_time_eq(given.as_bytes(), token.as_bytes()) {
+        return error::ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "UNAUTHORIZED",
+            "changes over TCP need Authorization: Bearer <token>",
+        )
+        .into_response();
+    }
+    next.run(req).await
+}
+
+/// Compares without leaking, through timing, how much of a guess was right.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 /// A running control server; dropping it stops the server and removes the socket.
 pub struct Server {
     path: PathBuf,
-    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
+    shutdown: Option<tokio::sync::watch::Sender<bool>>,
     thread: Option<std::thread::JoinHandle<()>>,
+    done: std::sync::mpsc::Receiver<()>,
 }
 
+/// How long unmounting waits for control requests in flight.
+const DRAIN: std::time::Duration = std::time::Duration::from_secs(3);
+
 impl Server {
-    /// Binds `path` (mode 0660) and serves in a background thread.
-    pub fn start(path: &Path, shared: Shared) -> std::io::Result<Self> {
+    /// Binds the unix socket (mode 0660, group as configured) and the TCP address if any, and
+    /// serves in a background thread. A stale socket of a dead daemon is replaced.
+    pub fn start(listen: &Listen, shared: Shared) -> std::io::Result<Self> {
         use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+        let path = &listen.socket;
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir)?;
         }
-        // A socket left by a daemon that died is ours to replace; anything else is not.
         if let Ok(md) = std::fs::symlink_metadata(path) {
-            if md.file_type().is_socket() {
-                std::fs::remove_file(path)?;
-            } else {
+            if !md.file_type().is_socket() {
                 return Err(std::io::Error::new(
                     std::io::ErrorKind::AlreadyExists,
                     format!("{} exists and is not a socket", path.display()),
                 ));
             }
+            if std::os::unix::net::UnixStream::connect(path).is_ok() {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::AddrInUse,
+                    format!("another daemon answers at {}", path.display()),
+                ));
+            }
+            std::fs::remove_file(path)?;
         }
+        let gid = listen.socket_group.as_deref().map(group_id).transpose()?;
         let std_listener = std::os::unix::net::UnixListener::bind(path)?;
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))?;
-        std_listener.set_nonblocking(true)?;
-        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let fix = (|| {
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))?;
+            if let Some(gid) = gid {
+                nix::unistd::chown(path, None, Some(gid))?;
+            }
+            std_listener.set_nonblocking(true)
+        })();
+        if let Err(e) = fix {
+            let _ = std::fs::remove_file(path);
+            return Err(e);
+        }
+        let tcp = match listen.tcp {
+            Some(addr) => {
+                let l = std::net::TcpListener::bind(addr).inspect_err(|_| {
+                    let _ = std::fs::remove_file(path);
+                })?;
+                l.set_nonblocking(true)?;
+                Some(l)
+            }
+            None => None,
+        };
+        let token: Option<Arc<str>> = listen.token.as_deref().map(Arc::from);
+        let (tx, rx) = tokio::sync::watch::channel(false);
         let app = router(shared);
+        let (done_tx, done) = std::sync::mpsc::channel();
         let thread = std::thread::Builder::new()
             .name("arenafs-control".into())
             .spawn(move || {
@@ -173,24 +238,42 @@ impl Server {
                     .build()
                     .expect("tokio runtime");
                 rt.block_on(async move {
-                    let listener = match tokio::net::UnixListener::from_std(std_listener) {
-                        Ok(l) => l,
-                        Err(e) => {
-                            tracing::error!(error = %e, "control socket unusable");
-                            return;
+                    let stop = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+                        let _ = rx.wait_for(|v| *v).await;
+                    };
+                    let unix = async {
+                        match tokio::net::UnixListener::from_std(std_listener) {
+                            Ok(l) => {
+                                let _ = axum::serve(l, app.clone())
+                                    .with_graceful_shutdown(stop(rx.clone()))
+                                    .await;
+                            }
+                            Err(e) => tracing::error!(error = %e, "control socket unusable"),
                         }
                     };
-                    let _ = axum::serve(listener, app)
-                        .with_graceful_shutdown(async {
-                            let _ = rx.await;
-                        })
-                        .await;
+                    let tcp = async {
+                        let Some(l) = tcp else { return };
+                        match tokio::net::TcpListener::from_std(l) {
+                            Ok(l) => {
+                                let guarded = app
+                                    .clone()
+                                    .layer(axum::middleware::from_fn_with_state(token, tcp_guard));
+                                let _ = axum::serve(l, guarded)
+                                    .with_graceful_shutdown(stop(rx.clone()))
+                                    .await;
+                            }
+                            Err(e) => tracing::error!(error = %e, "control TCP listener unusable"),
+                        }
+                    };
+                    tokio::join!(unix, tcp);
                 });
+                let _ = done_tx.send(());
             })?;
         Ok(Self {
             path: path.to_path_buf(),
             shutdown: Some(tx),
             thread: Some(thread),
+            done,
         })
     }
 }
@@ -198,11 +281,17 @@ impl Server {
 impl Drop for Server {
     fn drop(&mut self) {
         if let Some(tx) = self.shutdown.take() {
-            let _ = tx.send(());
+            let _ = tx.send(true);
         }
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
+        // A client that holds a request half-sent must not keep the daemon from exiting.
         let _ = std::fs::remove_file(&self.path);
+        match self.done.recv_timeout(DRAIN) {
+            Ok(()) => {
+                if let Some(t) = self.thread.take() {
+                    let _ = t.join();
+                }
+            }
+            Err(_) => tracing::warn!("control requests still open at exit; not waiting for them"),
+        }
     }
 }

@@ -525,7 +525,16 @@ impl Filesystem for ArenaFs {
             reply.error(Errno::EBADF);
             return;
         };
-        match self.read_handle(&h, offset, size) {
+        let started = std::time::Instant::now();
+        let result = self.read_handle(&h, offset, size);
+        let latency = &self.stats.read_latency;
+        match &h.kind {
+            HandleKind::Ssd(_) => latency.ssd.observe(started.elapsed()),
+            HandleKind::Fill { .. } => latency.fill.observe(started.elapsed()),
+            HandleKind::Nas(_) => latency.nas.observe(started.elapsed()),
+            HandleKind::Passthrough(_) => {}
+        }
+        match result {
             Ok(buf) => reply.data(&buf),
             Err(e) => {
                 Stats::add(&self.stats.read_errors, 1);

@@ -2,6 +2,7 @@
 //! through the kernel with ordinary system calls and tools.
 
 mod cli;
+mod control;
 mod crash;
 mod data;
 mod lifecycle;

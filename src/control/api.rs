@@ -1,0 +1,734 @@
+//! The endpoints of the control API.
+//!
+//! Everything that touches the NAS or the cache index runs on the blocking pool, so one slow
+//! NAS call never stalls the other endpoints (a status request still answers while a resolve
+//! waits on a hung NFS server).
+
+use std::collections::HashSet;
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use axum::Json;
+use axum::extract::State;
+use axum::http::StatusCode;
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+
+use super::Shared;
+use super::error::{ApiError, Body};
+use crate::cache::{TrimReport, TrimRequest, Usage};
+use crate::config::{CacheState, Discovery, PrefetchStrategy};
+use crate::models::{self, ModelRef};
+use crate::policy::Decision;
+use crate::reload::ReloadError;
+use crate::stats::{StatsSnapshot, Totals};
+use crate::worker::{JobInfo, Outcome, Planned, Reason};
+
+/// Runs `f` on the blocking pool.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, ApiError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| ApiError::internal(format!("request failed: {e}")))
+}
+
+/// A model reference in a request: `{"category":..,"filename":..}` or `"category/filename"`.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum RefJson {
+    /// The object form of the original API.
+    Object {
+        /// Category key or folder name.
+        category: String,
+        /// Path below the category folder.
+        filename: String,
+    },
+    /// `category/filename`.
+    Path(String),
+}
+
+/// A validated reference and the NAS file it names, if any.
+#[derive(Clone, Debug, Serialize)]
+pub struct Named {
+    /// Category key.
+    pub category: String,
+    /// Path below the category folder.
+    pub filename: String,
+    /// The NAS-relative path it resolves to (`None`: not found).
+    pub path: Option<PathBuf>,
+}
+
+/// Validates every reference (one bad reference refuses the request, naming it) and removes
+/// duplicates.
+fn validate(refs: &[RefJson]) -> Result<Vec<ModelRef>, ApiError> {
+    let mut out: Vec<ModelRef> = Vec::with_capacity(refs.len());
+    for (i, r) in refs.iter().enumerate() {
+        let parsed = match r {
+            RefJson::Object { category, filename } => models::parse(category, filename),
+            RefJson::Path(p) => models::parse_path(p),
+        };
+        let m = parsed.map_err(|e| {
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "INVALID_REFERENCE",
+                format!("model {}: {e}", i + 1),
+            )
+            .with("index", i)
+        })?;
+        if !out.contains(&m) {
+            out.push(m);
+        }
+    }
+    Ok(out)
+}
+
+/// Finds each reference on the NAS (blocking).
+fn find_all(s: &Shared, refs: Vec<ModelRef>) -> Vec<Named> {
+    refs.into_iter()
+        .map(|r| Named {
+            path: r.resolve(&s.nas),
+            category: r.category,
+            filename: r.filename,
+        })
+        .collect()
+}
+
+fn paths_of(named: &[Named]) -> Vec<PathBuf> {
+    let mut seen = HashSet::new();
+    named
+        .iter()
+        .filter_map(|n| n.path.clone())
+        .filter(|p| seen.insert(p.clone()))
+        .collect()
+}
+
+// ---------------------------------------------------------------------------------------------
+// GET /arena/status
+
+/// The required set sent with `POST /arena/autopatch`.
+#[derive(Debug, Default)]
+pub struct Autopatch {
+    /// The models of the last `start`, as found on the NAS.
+    pub models: Vec<Named>,
+    /// When it was started (seconds since the epoch).
+    pub started_at: Option<u64>,
+    /// When it was stopped, if it was.
+    pub stopped_at: Option<u64>,
+}
+
+impl Autopatch {
+    fn paths(&self) -> Vec<PathBuf> {
+        paths_of(&self.models)
+    }
+}
+
+/// The `autopatch_status` block of the status.
+#[derive(Debug, Serialize)]
+pub struct AutopatchStatus {
+    /// `idle` (never started), `running` (copies of the set queued or running), `done` (none
+    /// left) or `stopped`.
+    pub state: &'static str,
+    /// Models in the set.
+    pub required_models: usize,
+    /// Of them, found on the NAS.
+    pub found: usize,
+    /// References that name nothing on the NAS.
+    pub not_found: Vec<String>,
+    /// Files of the set whose copy is complete.
+    pub complete: usize,
+    /// Files of the set queued or being copied.
+    pub copying: usize,
+    /// When the set was sent (seconds since the epoch).
+    pub started_at: Option<u64>,
+}
+
+fn autopatch_status(s: &Shared) -> AutopatchStatus {
+    let ap = s.autopatch.lock();
+    let paths = ap.paths();
+    let copying = paths
+        .iter()
+        .filter(|p| s.worker.busy_with(&[(*p).clone()]))
+        .count();
+    let complete = paths
+        .iter()
+        .filter(|p| s.cache.store().get(p).is_some_and(|e| e.is_complete()))
+        .count();
+    let state = match (ap.started_at, ap.stopped_at) {
+        (None, _) => "idle",
+        (Some(_), Some(_)) => "stopped",
+        _ if copying > 0 => "running",
+        _ => "done",
+    };
+    AutopatchStatus {
+        state,
+        required_models: ap.models.len(),
+        found: ap.models.iter().filter(|m| m.path.is_some()).count(),
+        not_found: ap
+            .models
+            .iter()
+            .filter(|m| m.path.is_none())
+            .map(|m| format!("{}/{}", m.category, m.filename))
+            .collect(),
+        complete,
+        copying,
+        started_at: ap.started_at,
+    }
+}
+
+/// `GET /arena/status`.
+#[derive(Debug, Serialize)]
+pub struct Status {
+    /// Always "ok" when the daemon answers.
+    pub status: &'static str,
+    /// The daemon's version.
+    pub version: &'static str,
+    /// `ARENA_AUTO_CACHE_ENABLED`.
+    pub enabled: bool,
+    /// gray, green or red.
+    pub cache_state: CacheState,
+    /// `ARENA_CACHE_DISCOVERY`.
+    pub discovery_mode: Discovery,
+    /// `ARENA_CACHE_PREFETCH_STRATEGY`.
+    pub prefetch_strategy: PrefetchStrategy,
+    /// `ARENA_CACHE_MAX_CONCURRENCY`.
+    pub max_concurrency: usize,
+    /// Files in the required set.
+    pub required_models_count: usize,
+    /// Bytes background copies fetched since start (what the byte budget counts).
+    pub session_bytes_downloaded: u64,
+    /// `ARENA_CACHE_SESSION_BYTE_BUDGET` (0 = none).
+    pub session_byte_budget: u64,
+    /// The required set and its progress.
+    pub autopatch_status: AutopatchStatus,
+    /// Mount point.
+    pub mountpoint: PathBuf,
+    /// NAS directory.
+    pub nas_dir: PathBuf,
+    /// Cache directory.
+    pub cache_dir: PathBuf,
+    /// Whether complete copies are served with kernel passthrough.
+    pub passthrough_available: bool,
+    /// Whether the NAS did not answer a `statfs` within 2 s.
+    pub offline: bool,
+    /// Entries in the cache index.
+    pub cache_entries: usize,
+    /// Entries whose copy is complete.
+    pub cache_complete_entries: usize,
+    /// Bytes of cached data (sizes of all copies).
+    pub cache_used_bytes: u64,
+    /// The size the cache may reach now.
+    pub cache_limit_bytes: u64,
+    /// Space figures.
+    pub usage: Usage,
+    /// Copies running (with progress) and queued.
+    pub jobs: Vec<JobInfo>,
+    /// Queued copies.
+    pub queue_length: usize,
+    /// Counters since start.
+    pub stats: StatsSnapshot,
+}
+
+/// Whether the NAS answers a `statfs` within `limit`. A hung NAS leaves one blocking thread
+/// waiting; the answer does not wait for it.
+pub(super) async fn nas_online(s: &Shared, limit: Duration) -> bool {
+    let nas = s.nas.clone();
+    let probe = tokio::task::spawn_blocking(move || nas.statvfs().is_ok());
+    matches!(tokio::time::timeout(limit, probe).await, Ok(Ok(true)))
+}
+
+pub(super) async fn status(State(s): State<Shared>) -> Result<Json<Status>, ApiError> {
+    let offline = !nas_online(&s, Duration::from_secs(2)).await;
+    let sh = s.clone();
+    let (usage, entries, complete, used, autopatch) = blocking(move || {
+        (
+            sh.cache.usage(),
+            sh.cache.store().len(),
+            sh.cache.store().complete_count(),
+            sh.cache.store().used_bytes(),
+            autopatch_status(&sh),
+        )
+    })
+    .await?;
+    let settings = s.live.settings();
+    let stats = s.stats.snapshot();
+    Ok(Json(Status {
+        status: "ok",
+        version: env!("CARGO_PKG_VERSION"),
+        enabled: settings.enabled,
+        cache_state: settings.state(),
+        discovery_mode: settings.discovery,
+        prefetch_strategy: settings.prefetch,
+        max_concurrency: settings.max_concurrency,
+        required_models_count: s.worker.required_len(),
+        session_bytes_downloaded: stats.session_bytes_downloaded,
+        session_byte_budget: settings.session_byte_budget,
+        autopatch_status: autopatch,
+        mountpoint: s.mountpoint.clone(),
+        nas_dir: s.nas_dir.clone(),
+        cache_dir: s.cache_dir.clone(),
+        passthrough_available: s.passthrough.load(Ordering::Relaxed),
+        offline,
+        cache_entries: entries,
+        cache_complete_entries: complete,
+        cache_used_bytes: used,
+        cache_limit_bytes: usage.limit(),
+        usage,
+        jobs: s.worker.jobs(),
+        queue_length: s.worker.queue_len(),
+        stats,
+    }))
+}
+
+// ---------------------------------------------------------------------------------------------
+// GET /arena/stats, GET /arena/jobs
+
+/// `GET /arena/stats`: counters since start (flat, per category) and totals over all runs.
+#[derive(Debug, Serialize)]
+pub struct StatsReport {
+    /// Counters since this daemon started.
+    #[serde(flatten)]
+    pub since_start: StatsSnapshot,
+    /// Per category since start.
+    pub categories: std::collections::BTreeMap<String, crate::stats::CategoryStats>,
+    /// Earlier runs plus this one (persisted in the cache index).
+    pub totals: Totals,
+}
+
+pub(super) async fn stats(State(s): State<Shared>) -> Json<StatsReport> {
+    let now = s.stats.since_start();
+    Json(StatsReport {
+        since_start: now.overall,
+        categories: now.categories,
+        totals: s.stats.totals(),
+    })
+}
+
+pub(super) async fn jobs(State(s): State<Shared>) -> Json<Value> {
+    let jobs = s.worker.jobs();
+    let running = jobs.iter().filter(|j| j.state == "running").count();
+    Json(json!({
+        "status": "ok",
+        "running": running,
+        "queue_length": s.worker.queue_len(),
+        "jobs": jobs,
+    }))
+}
+
+// ---------------------------------------------------------------------------------------------
+// POST /arena/resolve, POST /arena/prefetch
+
+/// Body of `/arena/resolve` and `/arena/prefetch`.
+#[derive(Debug, Deserialize)]
+pub struct ModelsBody {
+    /// The references.
+    pub models: Vec<RefJson>,
+}
+
+/// One model in a resolve or prefetch answer.
+#[derive(Debug, Serialize)]
+pub struct ModelAnswer {
+    /// Category key.
+    pub category: String,
+    /// Path below the category folder.
+    pub filename: String,
+    /// `found` or `not_found`.
+    pub status: &'static str,
+    /// NAS-relative path.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub path: Option<PathBuf>,
+    /// Size on the NAS.
+    pub size: u64,
+    /// `complete`, `partial` or `none`.
+    pub cached: &'static str,
+    /// Bytes already in the cache.
+    pub cached_bytes: u64,
+    /// Whether a prefetch would copy it (resolve) or queued it (prefetch).
+    pub copy: bool,
+    /// `queued`, `complete`, `already_queued`, `not_found`, `caching_off`, `disabled`,
+    /// `category_not_allowed`, `too_small`, `excluded`, `hardcoded`, `budget_exceeded`,
+    /// `no_space`.
+    pub reason: &'static str,
+}
+
+fn reason_of(o: &Outcome) -> &'static str {
+    match o {
+        Outcome::Queued => "queued",
+        Outcome::Complete => "complete",
+        Outcome::AlreadyQueued => "already_queued",
+        Outcome::NotFound => "not_found",
+        Outcome::CachingOff => "caching_off",
+        Outcome::NotAllowed(d) => match d {
+            Decision::Cache => "queued",
+            Decision::Disabled => "disabled",
+            Decision::CategoryNotAllowed => "category_not_allowed",
+            Decision::TooSmall => "too_small",
+            Decision::Excluded => "excluded",
+            Decision::Hardcoded => "hardcoded",
+        },
+    }
+}
+
+fn answer(n: &Named, p: Option<&Planned>) -> ModelAnswer {
+    let (size, missing, outcome) = match p {
+        Some(p) => (p.size, p.missing, p.outcome.clone()),
+        None => (0, 0, Outcome::NotFound),
+    };
+    let found = outcome != Outcome::NotFound;
+    let cached_bytes = if found { size - missing.min(size) } else { 0 };
+    ModelAnswer {
+        category: n.category.clone(),
+        filename: n.filename.clone(),
+        status: if found { "found" } else { "not_found" },
+        path: n.path.clone(),
+        size,
+        cached: match (found, missing) {
+            (false, _) => "none",
+            (true, 0) => "complete",
+            _ if cached_bytes > 0 => "partial",
+            _ => "none",
+        },
+        cached_bytes,
+        copy: matches!(outcome, Outcome::Queued | Outcome::AlreadyQueued),
+        reason: reason_of(&outcome),
+    }
+}
+
+/// Totals of a resolve.
+#[derive(Debug, Serialize)]
+pub struct ResolveTotals {
+    /// Models asked about.
+    pub models: usize,
+    /// Of them, found on the NAS.
+    pub found: usize,
+    /// Of them, naming nothing on the NAS.
+    pub not_found: usize,
+    /// Sum of the sizes of the files found.
+    pub size_bytes: u64,
+    /// Bytes of them already cached.
+    pub cached_bytes: u64,
+    /// Bytes a prefetch would fetch.
+    pub to_fetch_bytes: u64,
+    /// What is left of the byte budget (`null`: no budget).
+    pub budget_remaining: Option<u64>,
+    /// Whether the bytes to fetch fit in the budget.
+    pub within_budget: bool,
+    /// Whether they fit in the cache (after evicting what may be evicted, the answer may still
+    /// be yes when this is false).
+    pub fits_free_space: bool,
+}
+
+fn plan_answers(named: &[Named], planned: &[Planned]) -> Vec<ModelAnswer> {
+    named
+        .iter()
+        .map(|n| {
+            let p = n
+                .path
+                .as_ref()
+                .and_then(|path| planned.iter().find(|p| &p.path == path));
+            answer(n, p)
+        })
+        .collect()
+}
+
+pub(super) async fn resolve(
+    State(s): State<Shared>,
+    Body(body): Body<ModelsBody>,
+) -> Result<Json<Value>, ApiError> {
+    let refs = validate(&body.models)?;
+    let sh = s.clone();
+    let (named, planned, usage) = blocking(move || {
+        let named = find_all(&sh, refs);
+        let planned = sh.worker.plan(&paths_of(&named));
+        (named, planned, sh.cache.usage())
+    })
+    .await?;
+    let mut models = plan_answers(&named, &planned);
+    let settings = s.live.settings();
+    let to_fetch: u64 = planned.iter().map(Planned::to_fetch).sum();
+    let budget = (settings.session_byte_budget > 0)
+        .then(|| s.worker.budget_remaining(settings.session_byte_budget));
+    let within_budget = budget.is_none_or(|b| to_fetch <= b);
+    if !within_budget {
+        for m in models.iter_mut().filter(|m| m.reason == "queued") {
+            m.copy = false;
+            m.reason = "budget_exceeded";
+        }
+    }
+    let totals = ResolveTotals {
+        models: named.len(),
+        found: named.iter().filter(|n| n.path.is_some()).count(),
+        not_found: named.iter().filter(|n| n.path.is_none()).count(),
+        size_bytes: planned.iter().map(|p| p.size).sum(),
+        cached_bytes: models.iter().map(|m| m.cached_bytes).sum(),
+        to_fetch_bytes: to_fetch,
+        budget_remaining: budget,
+        within_budget,
+        fits_free_space: usage.fits(to_fetch),
+    };
+    Ok(Json(json!({
+        "status": "ok",
+        "dry_run": true,
+        "cache_state": settings.state(),
+        "models": models,
+        "totals": totals,
+    })))
+}
+
+pub(super) async fn prefetch(
+    State(s): State<Shared>,
+    Body(body): Body<ModelsBody>,
+) -> Result<Json<Value>, ApiError> {
+    let refs = validate(&body.models)?;
+    if refs.is_empty() {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "EMPTY_REQUIRED_SET",
+            "no models to prefetch",
+        ));
+    }
+    let sh = s.clone();
+    let (named, result) = blocking(move || {
+        let named = find_all(&sh, refs);
+        let result = sh.worker.request(&paths_of(&named), Reason::Prefetch, true);
+        (named, result)
+    })
+    .await?;
+    let planned = result?;
+    let models = plan_answers(&named, &planned);
+    let queued = models.iter().filter(|m| m.reason == "queued").count();
+    Ok(Json(json!({
+        "status": "ok",
+        "queued": queued,
+        "bytes_to_fetch": planned.iter().map(Planned::to_fetch).sum::<u64>(),
+        "models": models,
+    })))
+}
+
+// ---------------------------------------------------------------------------------------------
+// POST /arena/autopatch
+
+/// Body of `/arena/autopatch`.
+#[derive(Debug, Deserialize)]
+pub struct AutopatchBody {
+    /// `start` or `stop`.
+    pub action: String,
+    /// The models the workflow needs (`start`).
+    #[serde(default)]
+    pub required_models: Vec<RefJson>,
+}
+
+pub(super) async fn autopatch(
+    State(s): State<Shared>,
+    Body(body): Body<AutopatchBody>,
+) -> Result<Json<Value>, ApiError> {
+    match body.action.as_str() {
+        "start" => autopatch_start(s, body.required_models).await,
+        "stop" => {
+            let sh = s.clone();
+            let cancelled = blocking(move || {
+                let mut ap = sh.autopatch.lock();
+                let n = sh.worker.cancel(&ap.paths());
+                sh.worker.set_required(&[]);
+                if ap.started_at.is_some() && ap.stopped_at.is_none() {
+                    ap.stopped_at = Some(crate::cache::live::now_secs());
+                }
+                n
+            })
+            .await?;
+            tracing::info!(cancelled, "required set stopped");
+            Ok(Json(
+                json!({"status": "ok", "action": "stop", "cancelled": cancelled}),
+            ))
+        }
+        other => Err(ApiError::bad_request(format!(
+            "unknown action {other:?}: use \"start\" or \"stop\""
+        ))),
+    }
+}
+
+async fn autopatch_start(s: Shared, refs: Vec<RefJson>) -> Result<Json<Value>, ApiError> {
+    let refs = validate(&refs)?;
+    if refs.is_empty() {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "EMPTY_REQUIRED_SET",
+            "required_models is empty: nothing to start",
+        ));
+    }
+    let sh = s.clone();
+    let (named, planned) = blocking(move || {
+        let named = find_all(&sh, refs);
+        let mut ap = sh.autopatch.lock();
+        let previous = ap.paths();
+        if ap.stopped_at.is_none() && sh.worker.busy_with(&previous) {
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                "ALREADY_RUNNING",
+                "the previous required set is still copying; stop it first",
+            )
+            .with("copying", previous.len()));
+        }
+        let paths = paths_of(&named);
+        let planned = sh.worker.request(&paths, Reason::Required, true)?;
+        sh.worker.set_required(&paths);
+        *ap = Autopatch {
+            models: named.clone(),
+            started_at: Some(crate::cache::live::now_secs()),
+            stopped_at: None,
+        };
+        Ok((named, planned))
+    })
+    .await??;
+    let models = plan_answers(&named, &planned);
+    let queued = models.iter().filter(|m| m.reason == "queued").count();
+    let not_found = models.iter().filter(|m| m.status == "not_found").count();
+    tracing::info!(
+        models = models.len(),
+        queued,
+        not_found,
+        "required set started"
+    );
+    Ok(Json(json!({
+        "status": "ok",
+        "action": "start",
+        "required_models_count": models.len(),
+        "queued": queued,
+        "not_found": not_found,
+        "bytes_to_fetch": planned.iter().map(Planned::to_fetch).sum::<u64>(),
+        "models": models,
+    })))
+}
+
+// ---------------------------------------------------------------------------------------------
+// POST /arena/trim, POST /arena/reload
+
+/// Body of `/arena/trim`: at least one of the criteria.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrimBody {
+    /// Evict least recently used copies until the cache holds at most this many bytes.
+    pub to_bytes: Option<u64>,
+    /// Remove copies not used for this many seconds.
+    pub older_than_secs: Option<u64>,
+    /// Remove the copies of this category.
+    pub category: Option<String>,
+    /// Remove the copy of this model (`category/filename` or the object form).
+    pub file: Option<RefJson>,
+    /// Only report what would go.
+    #[serde(default)]
+    pub dry_run: bool,
+}
+
+pub(super) async fn trim(
+    State(s): State<Shared>,
+    Body(body): Body<TrimBody>,
+) -> Result<Json<TrimReport>, ApiError> {
+    if body.to_bytes.is_none()
+        && body.older_than_secs.is_none()
+        && body.category.is_none()
+        && body.file.is_none()
+    {
+        return Err(ApiError::bad_request(
+            "say what to trim: to_bytes, older_than_secs, category or file",
+        ));
+    }
+    if let Some(c) = &body.category
+        && (c.is_empty() || c.contains(['/', '\0']) || c == "..")
+    {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "INVALID_REFERENCE",
+            format!("not a category: {c:?}"),
+        ));
+    }
+    let file = match &body.file {
+        Some(r) => Some(validate(std::slice::from_ref(r))?.remove(0)),
+        None => None,
+    };
+    let sh = s.clone();
+    let report = blocking(move || {
+        // A named file is looked up where ComfyUI would find it; a copy only exists for a path
+        // that is (or was) on the NAS, so the candidates that have a cache entry are the ones.
+        let files: Vec<Option<PathBuf>> = match file {
+            Some(m) => {
+                let mut c: Vec<Option<PathBuf>> = m
+                    .candidates()
+                    .into_iter()
+                    .filter(|p| sh.cache.store().get(p).is_some())
+                    .map(Some)
+                    .collect();
+                if c.is_empty() {
+                    c.push(Some(m.candidates().remove(0)));
+                }
+                c
+            }
+            None => vec![None],
+        };
+        let mut total = TrimReport {
+            dry_run: body.dry_run,
+            ..Default::default()
+        };
+        for f in files {
+            let r = sh.cache.trim(&TrimRequest {
+                to_bytes: body.to_bytes,
+                older_than: body.older_than_secs.map(Duration::from_secs),
+                category: body.category.clone(),
+                file: f,
+                dry_run: body.dry_run,
+            });
+            total.freed_bytes += r.freed_bytes;
+            total.removed.extend(r.removed);
+            total.skipped_busy += r.skipped_busy;
+            total.skipped_pinned += r.skipped_pinned;
+        }
+        total
+    })
+    .await?;
+    tracing::info!(
+        removed = report.removed.len(),
+        freed = report.freed_bytes,
+        dry_run = report.dry_run,
+        "trim"
+    );
+    Ok(Json(report))
+}
+
+pub(super) async fn reload(State(s): State<Shared>) -> Result<Json<Value>, ApiError> {
+    let sh = s.clone();
+    let result = blocking(move || sh.reloader.lock().reload()).await?;
+    match result {
+        Ok(changed) => Ok(Json(json!({"status": "ok", "changed": changed}))),
+        Err(e @ ReloadError::NoEnv) => {
+            Err(ApiError::new(StatusCode::CONFLICT, "NO_ENV", e.to_string()))
+        }
+        Err(e @ ReloadError::Config(_)) => Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "CONFIG_ERROR",
+            format!("{e}; the settings in force stay"),
+        )),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Fallbacks
+
+pub(super) async fn not_found(uri: axum::http::Uri) -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        "NOT_FOUND",
+        format!("no endpoint {}", uri.path()),
+    )
+}
+
+pub(super) async fn method_not_allowed(
+    method: axum::http::Method,
+    uri: axum::http::Uri,
+) -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "METHOD_NOT_ALLOWED",
+        format!("{} does not take {method}", uri.path()),
+    )
+}
