@@ -90,6 +90,15 @@ struct MountArgs {
     /// Control socket [default: /run/arenafs/<escaped mount point>.sock].
     #[arg(long)]
     socket: Option<PathBuf>,
+    /// Group of the control socket (name or number), so that e.g. ComfyUI's user can reach it.
+    #[arg(long, value_name = "GROUP")]
+    socket_group: Option<String>,
+    /// Also serve the control API over TCP (read-only unless --token-file is given).
+    #[arg(long, value_name = "ADDR:PORT")]
+    listen: Option<std::net::SocketAddr>,
+    /// File holding a bearer token that allows changes over the TCP listener.
+    #[arg(long, value_name = "FILE")]
+    token_file: Option<PathBuf>,
     /// Log file of a background daemon [default: /var/log/arenafs/<escaped mount point>.log].
     #[arg(long)]
     log_file: Option<PathBuf>,
@@ -370,6 +379,15 @@ fn mount(m: MountArgs, args: &[String]) -> Result<()> {
     }
     if let Some(l) = m.log_file {
         mopts.log_file = Some(l);
+    }
+    if let Some(g) = m.socket_group {
+        mopts.socket_group = Some(g);
+    }
+    if let Some(a) = m.listen {
+        mopts.listen = Some(a);
+    }
+    if let Some(t) = m.token_file {
+        mopts.token_file = Some(t);
     }
     if let Some(e) = m.env {
         mopts.env_file = Some(e);
