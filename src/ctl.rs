@@ -360,6 +360,119 @@ pub fn format_models(answer: &Value) -> String {
     o
 }
 
+/// The human form of a workflow resolution (`resolve --workflow`, `prefetch --workflow`).
+pub fn format_workflow(r: &Value) -> String {
+    let mut o = String::new();
+    let models = r["models"].as_array().cloned().unwrap_or_default();
+    for m in &models {
+        let status = s(&m["status"]);
+        let nodes = m["nodes"]
+            .as_array()
+            .map(|n| {
+                n.iter()
+                    .filter_map(Value::as_str)
+                    .collect::<Vec<_>>()
+                    .join(",")
+            })
+            .unwrap_or_default();
+        let nodes = if nodes.is_empty() {
+            String::new()
+        } else {
+            format!("  [node {nodes}]")
+        };
+        if status == "unresolved" {
+            let _ = writeln!(
+                o,
+                "{status:15} {}{nodes}: {}",
+                m["category"].as_str().unwrap_or("?"),
+                s(&m["reason"])
+            );
+            continue;
+        }
+        let name = format!(
+            "{}/{}",
+            m["category"].as_str().unwrap_or("?"),
+            m["path"].as_str().or(m["filename"].as_str()).unwrap_or("?")
+        );
+        let mut line = format!("{status:15} {name}{nodes}");
+        match m["on_nas"].as_bool() {
+            Some(true) => {
+                let _ = write!(line, "  on NAS: {}", s(&m["nas_path"]));
+                if let Some(size) = m["size"].as_u64() {
+                    let _ = write!(line, " ({})", human_bytes(size));
+                }
+            }
+            Some(false) => line.push_str("  NOT ON THE NAS"),
+            None => {}
+        }
+        if let Some(c) = m["cache"].as_str() {
+            let _ = write!(line, ", cached {c}");
+        }
+        match (m["copy"].as_bool(), m["why"].as_str()) {
+            (Some(true), _) => line.push_str(", would copy"),
+            (Some(false), Some("not_exec")) | (None, _) => {}
+            (Some(false), Some(why)) => {
+                let _ = write!(line, ", no copy: {}", why.replace('_', " "));
+            }
+            (Some(false), None) => {}
+        }
+        if let Some(url) = m["url"].as_str() {
+            let _ = write!(line, "  <{url}>");
+        }
+        let _ = writeln!(o, "{line}");
+    }
+    let t = &r["totals"];
+    let _ = write!(
+        o,
+        "total: {} exec, {} mentioned only, {} declared, {} unresolved",
+        u(&t["exec"]),
+        u(&t["mentioned_only"]),
+        u(&t["declared"]),
+        u(&t["unresolved"])
+    );
+    if let Some(bytes) = t["bytes_on_nas"].as_u64() {
+        let _ = write!(o, "; exec files on the NAS {}", human_bytes(bytes));
+    }
+    if let Some(c) = t["bytes_cached"].as_u64() {
+        let _ = write!(o, ", cached {}", human_bytes(c));
+    }
+    if let Some(c) = t["bytes_to_copy"].as_u64() {
+        let _ = write!(o, ", to copy {}", human_bytes(c));
+    }
+    if let Some(b) = t["budget_remaining"].as_u64() {
+        let _ = write!(o, " (budget left {})", human_bytes(b));
+    }
+    o.push('\n');
+    if t["missing"].is_null() {
+        o.push_str("(not looked up on a NAS: give --nas DIR or a mount point)\n");
+    }
+    let missing: Vec<String> = models
+        .iter()
+        .filter(|m| m["status"] == "exec" && m["on_nas"] == false)
+        .map(|m| {
+            format!(
+                "{}/{}",
+                m["category"].as_str().unwrap_or("?"),
+                m["path"].as_str().unwrap_or("?")
+            )
+        })
+        .collect();
+    if !missing.is_empty() {
+        let _ = writeln!(o, "missing on the NAS: {}", missing.join(", "));
+    }
+    if let Some(n) = r["queued"].as_u64() {
+        let _ = writeln!(
+            o,
+            "queued {n} copies ({})",
+            human_bytes(u(&r["bytes_to_fetch"]))
+        );
+    }
+    for w in r["warnings"].as_array().into_iter().flatten() {
+        let _ = writeln!(o, "warning: {}", s(w));
+    }
+    o
+}
+
 /// The human form of a trim answer.
 pub fn format_trim(r: &Value) -> String {
     let mut o = String::new();

@@ -17,12 +17,14 @@
 //! - [`ctl`]: the control commands of the CLI (finding a daemon, printing its answers).
 //! - [`stats`]: counters of a daemon run.
 //! - [`workflow`]: which model files a ComfyUI workflow loads (pure, no I/O on the NAS).
+//! - [`discover`]: a resolved workflow placed on the NAS, with cache facts.
 
 pub mod cache;
 pub mod config;
 pub mod control;
 pub mod ctl;
 pub mod daemon;
+pub mod discover;
 pub mod fs;
 pub mod models;
 pub mod mount;

@@ -154,8 +154,15 @@ struct StatsArgs {
 #[derive(clap::Args, Debug)]
 struct PrefetchArgs {
     /// Models as category/filename (category key or folder name).
-    #[arg(required = true, value_name = "CATEGORY/FILE")]
+    #[arg(
+        required_unless_present = "workflow",
+        conflicts_with = "workflow",
+        value_name = "CATEGORY/FILE"
+    )]
     models: Vec<String>,
+    /// Prefetch the models a workflow loads (JSON or PNG); they become the required set.
+    #[arg(long, value_name = "FILE")]
+    workflow: Option<PathBuf>,
     #[command(flatten)]
     target: Target,
     /// Wait until the copies are complete, showing their progress.
@@ -169,8 +176,18 @@ struct PrefetchArgs {
 #[derive(clap::Args, Debug)]
 struct ResolveArgs {
     /// Models as category/filename (category key or folder name).
-    #[arg(required = true, value_name = "CATEGORY/FILE")]
+    #[arg(
+        required_unless_present = "workflow",
+        conflicts_with = "workflow",
+        value_name = "CATEGORY/FILE"
+    )]
     models: Vec<String>,
+    /// Name the models a workflow (JSON or PNG) loads; works without a daemon (see --nas).
+    #[arg(long, value_name = "FILE")]
+    workflow: Option<PathBuf>,
+    /// With --workflow and no daemon: look the models up in this NAS directory.
+    #[arg(long, value_name = "DIR", requires = "workflow", conflicts_with_all = ["mountpoint", "socket"])]
+    nas: Option<PathBuf>,
     #[command(flatten)]
     target: Target,
     /// Print the daemon's JSON answer.
@@ -279,6 +296,7 @@ fn run(cli: Cli, args: &[String]) -> Result<()> {
             Ok(())
         }
         Command::Prefetch(a) => prefetch(a),
+        Command::Resolve(a) if a.workflow.is_some() => resolve_workflow(a),
         Command::Resolve(a) => {
             let socket = a.target.socket()?;
             let body = serde_json::json!({ "models": refs(&a.models)? });
@@ -590,20 +608,115 @@ impl Bars {
     }
 }
 
+fn read_workflow(path: &std::path::Path) -> Result<Vec<u8>> {
+    let meta = std::fs::metadata(path).with_context(|| format!("workflow {}", path.display()))?;
+    if meta.len() > arenafs::workflow::MAX_WORKFLOW_BYTES as u64 {
+        bail!(
+            "workflow {}: {} bytes is more than a workflow can be ({} bytes)",
+            path.display(),
+            meta.len(),
+            arenafs::workflow::MAX_WORKFLOW_BYTES
+        );
+    }
+    std::fs::read(path).with_context(|| format!("workflow {}", path.display()))
+}
+
+/// `resolve --workflow`: asks the daemon when one is named (it knows the cache); otherwise
+/// resolves here, against `--nas` or the mount point if given, else only parses.
+fn resolve_workflow(a: ResolveArgs) -> Result<()> {
+    let file = a.workflow.as_deref().expect("checked by the caller");
+    let print = |v: &serde_json::Value| print_answer(v, a.json, arenafs::ctl::format_workflow);
+    if a.target.mountpoint.is_some() || a.target.socket.is_some() {
+        let daemon = a.target.socket().and_then(|socket| {
+            Ok(arenafs::control::client::call_bytes(
+                &socket,
+                "POST",
+                "/arena/workflow",
+                Some(read_workflow(file)?),
+            )?)
+        });
+        match daemon {
+            Ok(answer) => {
+                print(&answer);
+                return Ok(());
+            }
+            // A mount point without a daemon is still a view of the NAS tree.
+            Err(e) if a.target.socket.is_none() => {
+                eprintln!("arenafs: {e:#}; resolving without the daemon (cache state unknown)")
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    let resolution = arenafs::workflow::resolve_file(file)?;
+    let root = a.nas.as_ref().or(a.target.mountpoint.as_ref());
+    let nas = root
+        .map(|d| {
+            arenafs::source::Nas::open(d).with_context(|| format!("NAS directory {}", d.display()))
+        })
+        .transpose()?;
+    let report = arenafs::discover::locate(resolution, nas.as_ref());
+    print(&serde_json::to_value(&report)?);
+    Ok(())
+}
+
 fn prefetch(a: PrefetchArgs) -> Result<()> {
     let socket = a.target.socket()?;
-    let body = serde_json::json!({ "models": refs(&a.models)? });
-    let answer = call(&socket, "POST", "/arena/prefetch", Some(&body))?;
+    let (answer, again): (
+        serde_json::Value,
+        Box<dyn Fn() -> Result<serde_json::Value>>,
+    ) = match &a.workflow {
+        Some(file) => {
+            let bytes = read_workflow(file)?;
+            let answer = arenafs::control::client::call_bytes(
+                &socket,
+                "POST",
+                "/arena/workflow?action=prefetch",
+                Some(bytes.clone()),
+            )?;
+            let socket = socket.clone();
+            let again = move || {
+                Ok(arenafs::control::client::call_bytes(
+                    &socket,
+                    "POST",
+                    "/arena/workflow",
+                    Some(bytes.clone()),
+                )?)
+            };
+            (answer, Box::new(again))
+        }
+        None => {
+            let body = serde_json::json!({ "models": refs(&a.models)? });
+            let answer = call(&socket, "POST", "/arena/prefetch", Some(&body))?;
+            let socket = socket.clone();
+            let again = move || call(&socket, "POST", "/arena/resolve", Some(&body));
+            (answer, Box::new(again))
+        }
+    };
+    let human: fn(&serde_json::Value) -> String = if a.workflow.is_some() {
+        arenafs::ctl::format_workflow
+    } else {
+        arenafs::ctl::format_models
+    };
     if !a.wait {
-        print_answer(&answer, a.json, arenafs::ctl::format_models);
+        print_answer(&answer, a.json, human);
         return Ok(());
     }
+    let path_key = if a.workflow.is_some() {
+        "nas_path"
+    } else {
+        "path"
+    };
     let mut waiting: std::collections::HashSet<String> = answer["models"]
         .as_array()
         .into_iter()
         .flatten()
-        .filter(|m| m["reason"] == "queued" || m["reason"] == "already_queued")
-        .filter_map(|m| m["path"].as_str().map(str::to_string))
+        .filter(|m| {
+            m["reason"] == "queued"
+                || m["reason"] == "already_queued"
+                || m["why"] == "queued"
+                || m["why"] == "already_queued"
+        })
+        .filter_map(|m| m[path_key].as_str().map(str::to_string))
         .collect();
     let mut bars = Bars::new();
     while !waiting.is_empty() {
@@ -623,21 +736,23 @@ fn prefetch(a: PrefetchArgs) -> Result<()> {
     }
     bars.update(&[]);
     // What the cache holds now, from the daemon (not assumed).
-    let now = call(&socket, "POST", "/arena/resolve", Some(&body))?;
-    print_answer(&now, a.json, arenafs::ctl::format_models);
+    let now = again()?;
+    print_answer(&now, a.json, human);
     let incomplete: Vec<String> = now["models"]
         .as_array()
         .into_iter()
         .flatten()
         .filter(|m| {
-            m["status"] == "found"
+            let reason = m["reason"].as_str().or(m["why"].as_str());
+            m[path_key].is_string()
                 && m["cached"] != "complete"
+                && m["cache"] != "complete"
                 && matches!(
-                    m["reason"].as_str(),
+                    reason,
                     Some("queued" | "already_queued" | "budget_exceeded")
                 )
         })
-        .map(|m| m["path"].as_str().unwrap_or("?").to_string())
+        .map(|m| m[path_key].as_str().unwrap_or("?").to_string())
         .collect();
     if !incomplete.is_empty() {
         bail!(

@@ -10,20 +10,22 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use axum::Json;
-use axum::extract::State;
+use axum::extract::{Query, State};
 use axum::http::StatusCode;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
 use super::Shared;
-use super::error::{ApiError, Body};
+use super::error::{ApiError, Body, WorkflowBody};
 use crate::cache::{TrimReport, TrimRequest, Usage};
 use crate::config::{CacheState, Discovery, PrefetchStrategy};
+use crate::discover::{WorkflowReport, locate};
 use crate::models::{self, ModelRef};
 use crate::policy::Decision;
 use crate::reload::ReloadError;
 use crate::stats::{StatsSnapshot, Totals};
 use crate::worker::{JobInfo, Outcome, Planned, Reason};
+use crate::workflow::{ModelStatus, WorkflowError};
 
 /// Runs `f` on the blocking pool.
 async fn blocking<T: Send + 'static>(
@@ -550,46 +552,16 @@ pub(super) async fn autopatch(
 
 async fn autopatch_start(s: Shared, refs: Vec<RefJson>) -> Result<Json<Value>, ApiError> {
     let refs = validate(&refs)?;
-    if refs.is_empty() {
-        return Err(ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "EMPTY_REQUIRED_SET",
-            "required_models is empty: nothing to start",
-        ));
-    }
     let sh = s.clone();
     let (named, planned) = blocking(move || {
         let named = find_all(&sh, refs);
-        let mut ap = sh.autopatch.lock();
-        let previous = ap.paths();
-        if ap.stopped_at.is_none() && sh.worker.busy_with(&previous) {
-            return Err(ApiError::new(
-                StatusCode::CONFLICT,
-                "ALREADY_RUNNING",
-                "the previous required set is still copying; stop it first",
-            )
-            .with("copying", previous.len()));
-        }
-        let paths = paths_of(&named);
-        let planned = sh.worker.request(&paths, Reason::Required, true)?;
-        sh.worker.set_required(&paths);
-        *ap = Autopatch {
-            models: named.clone(),
-            started_at: Some(crate::cache::live::now_secs()),
-            stopped_at: None,
-        };
-        Ok((named, planned))
+        let planned = start_required(&sh, named.clone())?;
+        Ok::<_, ApiError>((named, planned))
     })
     .await??;
     let models = plan_answers(&named, &planned);
     let queued = models.iter().filter(|m| m.reason == "queued").count();
     let not_found = models.iter().filter(|m| m.status == "not_found").count();
-    tracing::info!(
-        models = models.len(),
-        queued,
-        not_found,
-        "required set started"
-    );
     Ok(Json(json!({
         "status": "ok",
         "action": "start",
@@ -599,6 +571,197 @@ async fn autopatch_start(s: Shared, refs: Vec<RefJson>) -> Result<Json<Value>, A
         "bytes_to_fetch": planned.iter().map(Planned::to_fetch).sum::<u64>(),
         "models": models,
     })))
+}
+
+/// Makes `named` the required set and queues its copies (blocking). Refused, with nothing
+/// changed, when it is empty (`EMPTY_REQUIRED_SET`), while the previous set still copies
+/// (`ALREADY_RUNNING`), within the cooldown (`COOLDOWN_ACTIVE`) or over the budget
+/// (`BUDGET_EXCEEDED`).
+fn start_required(s: &Shared, named: Vec<Named>) -> Result<Vec<Planned>, ApiError> {
+    if named.is_empty() {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "EMPTY_REQUIRED_SET",
+            "no models in the required set: nothing to start",
+        ));
+    }
+    let mut ap = s.autopatch.lock();
+    let previous = ap.paths();
+    if ap.stopped_at.is_none() && s.worker.busy_with(&previous) {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "ALREADY_RUNNING",
+            "the previous required set is still copying; stop it first",
+        )
+        .with("copying", previous.len()));
+    }
+    let paths = paths_of(&named);
+    let planned = s.worker.request(&paths, Reason::Required, true)?;
+    s.worker.set_required(&paths);
+    tracing::info!(
+        models = named.len(),
+        found = paths.len(),
+        queued = planned
+            .iter()
+            .filter(|p| p.outcome == Outcome::Queued)
+            .count(),
+        "required set started"
+    );
+    *ap = Autopatch {
+        models: named,
+        started_at: Some(crate::cache::live::now_secs()),
+        stopped_at: None,
+    };
+    Ok(planned)
+}
+
+// ---------------------------------------------------------------------------------------------
+// POST /arena/workflow
+
+/// Query of `/arena/workflow` (for bodies that cannot carry it, such as a PNG).
+#[derive(Debug, Default, Deserialize)]
+pub struct WorkflowQuery {
+    /// `resolve` (default) or `prefetch`.
+    pub action: Option<String>,
+}
+
+/// Fills in what the cache holds and what a prefetch would copy (blocking).
+fn cache_facts(s: &Shared, report: &mut WorkflowReport) {
+    let paths: Vec<PathBuf> = {
+        let mut v: Vec<PathBuf> = Vec::new();
+        for m in &report.models {
+            if let Some(p) = &m.nas_path
+                && m.size.is_some()
+                && !v.contains(p)
+            {
+                v.push(p.clone());
+            }
+        }
+        v
+    };
+    let planned = s.worker.plan(&paths);
+    let settings = s.live.settings();
+    let budget = (settings.session_byte_budget > 0)
+        .then(|| s.worker.budget_remaining(settings.session_byte_budget));
+    let exec_fetch: u64 = report
+        .exec_paths()
+        .iter()
+        .filter_map(|p| planned.iter().find(|x| &x.path == p))
+        .map(Planned::to_fetch)
+        .sum();
+    let over_budget = budget.is_some_and(|b| exec_fetch > b);
+    for m in &mut report.models {
+        let Some(p) = m
+            .nas_path
+            .as_ref()
+            .and_then(|np| planned.iter().find(|x| &x.path == np))
+        else {
+            continue;
+        };
+        let cached = p.size - p.missing.min(p.size);
+        m.cached_bytes = Some(cached);
+        m.cache = Some(match (p.missing, cached) {
+            (0, _) => "complete",
+            (_, 0) => "none",
+            _ => "partial",
+        });
+        let (copy, why) = if m.model.status != ModelStatus::Exec {
+            (false, "not_exec")
+        } else {
+            match reason_of(&p.outcome) {
+                "queued" if over_budget => (false, "budget_exceeded"),
+                r @ ("queued" | "already_queued") => (true, r),
+                r => (false, r),
+            }
+        };
+        m.copy = Some(copy);
+        m.why = Some(why);
+    }
+    report.totals.budget_remaining = budget;
+    report.total(true);
+}
+
+pub(super) async fn workflow(
+    State(s): State<Shared>,
+    query: Result<Query<WorkflowQuery>, axum::extract::rejection::QueryRejection>,
+    WorkflowBody(body): WorkflowBody,
+) -> Result<Json<Value>, ApiError> {
+    let Query(q) = query.map_err(|e| ApiError::bad_request(e.body_text()))?;
+    let bad =
+        |e: WorkflowError| ApiError::new(StatusCode::BAD_REQUEST, "BAD_WORKFLOW", e.to_string());
+    let mut action = q.action;
+    let resolution = if body.starts_with(b"\x89PNG\r\n\x1a\n") {
+        let body = body.clone();
+        blocking(move || crate::workflow::resolve_png(&body))
+            .await?
+            .map_err(bad)?
+    } else {
+        let mut value: Value = serde_json::from_slice(&body).map_err(|e| {
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "BAD_JSON",
+                format!("the request body is not a JSON workflow: {e}"),
+            )
+        })?;
+        if let Some(obj) = value.as_object_mut()
+            && let Some(a) = obj.remove("action")
+        {
+            action = Some(
+                a.as_str()
+                    .ok_or_else(|| ApiError::bad_request("action must be a string"))?
+                    .to_string(),
+            );
+        }
+        blocking(move || crate::workflow::Resolver::default().resolve_value(value))
+            .await?
+            .map_err(bad)?
+    };
+    let prefetch = match action.as_deref() {
+        None | Some("resolve") => false,
+        Some("prefetch") => true,
+        Some(other) => {
+            return Err(ApiError::bad_request(format!(
+                "unknown action {other:?}: use \"resolve\" or \"prefetch\""
+            )));
+        }
+    };
+    let sh = s.clone();
+    let (report, planned) = blocking(move || {
+        let mut report = locate(resolution, Some(&sh.nas));
+        let mut planned = None;
+        if prefetch {
+            let named: Vec<Named> = report
+                .models
+                .iter()
+                .filter(|m| m.model.status == ModelStatus::Exec)
+                .filter_map(|m| {
+                    Some(Named {
+                        category: m.model.category.clone()?,
+                        filename: m.model.path.clone()?,
+                        path: m.nas_path.clone().filter(|_| m.size.is_some()),
+                    })
+                })
+                .collect();
+            planned = Some(start_required(&sh, named)?);
+        }
+        cache_facts(&sh, &mut report);
+        Ok::<_, ApiError>((report, planned))
+    })
+    .await??;
+    let mut answer =
+        serde_json::to_value(&report).map_err(|e| ApiError::internal(e.to_string()))?;
+    answer["status"] = json!("ok");
+    answer["action"] = json!(if prefetch { "prefetch" } else { "resolve" });
+    if let Some(planned) = planned {
+        answer["queued"] = json!(
+            planned
+                .iter()
+                .filter(|p| p.outcome == Outcome::Queued)
+                .count()
+        );
+        answer["bytes_to_fetch"] = json!(planned.iter().map(Planned::to_fetch).sum::<u64>());
+    }
+    Ok(Json(answer))
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -143,6 +143,16 @@ pub fn call(
     body: Option<&Value>,
 ) -> Result<Value, ClientError> {
     let body = body.map(|b| serde_json::to_vec(b).expect("JSON values serialize"));
+    call_bytes(socket, method, path, body)
+}
+
+/// Like [`call`], with a body of any bytes (a workflow file, JSON or PNG).
+pub fn call_bytes(
+    socket: &Path,
+    method: &str,
+    path: &str,
+    body: Option<Vec<u8>>,
+) -> Result<Value, ClientError> {
     let reply = raw(socket, method, path, body)?;
     let json: Value = serde_json::from_slice(&reply.body).map_err(|e| {
         other(

@@ -96,33 +96,42 @@ impl IntoResponse for ApiError {
 /// [`BODY_LIMIT`], 400 `BAD_JSON` for anything that is not the expected JSON.
 pub struct Body<T>(pub T);
 
+/// Reads a request body of at most `limit` bytes, answering failures in the API's format.
+async fn read_body<S: Send + Sync>(
+    req: Request,
+    state: &S,
+    limit: usize,
+) -> Result<Bytes, ApiError> {
+    let too_large = || {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "PAYLOAD_TOO_LARGE",
+            format!("request bodies are limited to {limit} bytes here"),
+        )
+    };
+    // A declared length over the limit is refused before anything is read.
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        return Err(too_large());
+    }
+    Bytes::from_request(req, state).await.map_err(|r| {
+        if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            too_large()
+        } else {
+            ApiError::bad_request(r.body_text())
+        }
+    })
+}
+
 impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for Body<T> {
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
-        let too_large = || {
-            ApiError::new(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "PAYLOAD_TOO_LARGE",
-                format!("request bodies are limited to {BODY_LIMIT} bytes"),
-            )
-        };
-        // A declared length over the limit is refused before anything is read.
-        let declared = req
-            .headers()
-            .get(header::CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse::<u64>().ok());
-        if declared.is_some_and(|n| n > BODY_LIMIT as u64) {
-            return Err(too_large());
-        }
-        let bytes = Bytes::from_request(req, state).await.map_err(|r| {
-            if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
-                too_large()
-            } else {
-                ApiError::bad_request(r.body_text())
-            }
-        })?;
+        let bytes = read_body(req, state, BODY_LIMIT).await?;
         let bytes: &[u8] = if bytes.iter().all(u8::is_ascii_whitespace) {
             b"{}"
         } else {
@@ -135,5 +144,18 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for Body<T> {
                 format!("the request body is not valid: {e}"),
             )
         })
+    }
+}
+
+/// A workflow body (JSON or PNG), up to [`crate::workflow::MAX_WORKFLOW_BYTES`].
+pub struct WorkflowBody(pub Bytes);
+
+impl<S: Send + Sync> FromRequest<S> for WorkflowBody {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        read_body(req, state, crate::workflow::MAX_WORKFLOW_BYTES)
+            .await
+            .map(WorkflowBody)
     }
 }

@@ -2,7 +2,7 @@
 //!
 //! Endpoints (docs/control-api.md): `GET /arena/status`, `GET /arena/stats`, `GET /arena/jobs`,
 //! `GET /metrics`, `POST /arena/autopatch`, `POST /arena/resolve`, `POST /arena/prefetch`,
-//! `POST /arena/trim`, `POST /arena/reload`. An optional TCP listener serves the same router
+//! `POST /arena/trim`, `POST /arena/reload`, `POST /arena/workflow`. An optional TCP listener serves the same router
 //! behind a guard that only lets reads through unless a bearer token is configured.
 
 use std::path::{Path, PathBuf};
@@ -76,6 +76,10 @@ pub fn router(shared: Shared) -> Router {
         .route("/arena/prefetch", post(api::prefetch))
         .route("/arena/trim", post(api::trim))
         .route("/arena/reload", post(api::reload))
+        .route(
+            "/arena/workflow",
+            post(api::workflow).layer(DefaultBodyLimit::max(crate::workflow::MAX_WORKFLOW_BYTES)),
+        )
         .fallback(api::not_found)
         .method_not_allowed_fallback(api::method_not_allowed)
         .layer(DefaultBodyLimit::max(error::BODY_LIMIT))

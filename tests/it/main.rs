@@ -5,6 +5,7 @@ mod cli;
 mod control;
 mod crash;
 mod data;
+mod discovery;
 mod lifecycle;
 mod policy;
 mod util;
