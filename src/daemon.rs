@@ -102,6 +102,7 @@ pub fn run(
         FsOptions {
             attr_ttl: cfg.attr_ttl,
             passthrough: cfg.passthrough,
+            write_as: cfg.write_as,
         },
         passthrough.clone(),
     )?;

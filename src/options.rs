@@ -34,6 +34,8 @@ pub struct MountOptions {
     pub listen: Option<std::net::SocketAddr>,
     /// File holding the bearer token that allows changes over the TCP listener.
     pub token_file: Option<PathBuf>,
+    /// Make every change to the NAS as this (uid, gid) instead of the calling user.
+    pub write_as: Option<(u32, u32)>,
     /// FUSE request threads.
     pub threads: usize,
     /// Log file of a background daemon.
@@ -57,6 +59,7 @@ impl Default for MountOptions {
             socket_group: None,
             listen: None,
             token_file: None,
+            write_as: None,
             threads: 8,
             log_file: None,
             env_file: None,
@@ -90,6 +93,14 @@ impl MountOptions {
                 })?)
             }
             "token_file" => self.token_file = Some(PathBuf::from(need(())?)),
+            "write_as" => {
+                let v = need(())?;
+                let ids = v
+                    .split_once(':')
+                    .and_then(|(u, g)| Some((u.trim().parse().ok()?, g.trim().parse().ok()?)))
+                    .ok_or_else(|| format!("option {key}: '{v}' is not UID:GID (numbers)"))?;
+                self.write_as = Some(ids);
+            }
             "log_file" => self.log_file = Some(PathBuf::from(need(())?)),
             "env" => self.env_file = Some(PathBuf::from(need(())?)),
             "passthrough" => {
@@ -189,6 +200,8 @@ mod tests {
             "threads=x",
             "env",
             "listen=localhost",
+            "write_as=comfy",
+            "write_as=1000",
             "listen=9464",
         ] {
             let err = MountOptions::default().apply_opts(bad).unwrap_err();

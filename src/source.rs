@@ -10,7 +10,7 @@
 use std::ffi::{OsStr, OsString};
 use std::fs::File;
 use std::io;
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
@@ -133,6 +133,236 @@ impl Nas {
             .flags(flags | OFlag::O_CLOEXEC)
             .resolve(ResolveFlag::RESOLVE_BENEATH | ResolveFlag::RESOLVE_NO_SYMLINKS);
         nix::fcntl::openat2(&self.root_fd, dot_if_empty(rel), how).map_err(io::Error::from)
+    }
+}
+
+/// Changes to the NAS namespace and metadata (write-through). Each works on the parent directory
+/// opened beneath the root and the last component, never following a symlink in the last
+/// component, so no change can land outside the NAS root.
+impl Nas {
+    /// The parent directory of `rel` (opened `O_PATH` beneath the root) and the last component.
+    fn parent<'a>(&self, rel: &'a Path) -> io::Result<(OwnedFd, &'a OsStr)> {
+        let name = rel
+            .file_name()
+            .ok_or_else(|| io::Error::from_raw_os_error(libc::EINVAL))?;
+        let dir = rel.parent().unwrap_or(Path::new(""));
+        let fd = self.open_beneath(dir, OFlag::O_PATH | OFlag::O_DIRECTORY)?;
+        Ok((fd, name))
+    }
+
+    /// Opens a file with `flags` (access mode, `O_TRUNC`, `O_SYNC`, ...), never following a
+    /// symlink; `O_CREAT` creates it with `mode` (exactly: the caller applies the umask).
+    pub fn open_with(&self, rel: &Path, flags: i32, mode: u32) -> io::Result<File> {
+        let flags = flags | libc::O_NOFOLLOW | libc::O_CLOEXEC;
+        if flags & libc::O_CREAT == 0 {
+            let fd = self.open_beneath(rel, OFlag::from_bits_truncate(flags))?;
+            return Ok(File::from(fd));
+        }
+        let (dir, name) = self.parent(rel)?;
+        let name = cstr(name)?;
+        // SAFETY: valid fd and NUL-terminated name; the returned fd is owned below.
+        let fd = unsafe { libc::openat(dir.as_raw_fd(), name.as_ptr(), flags, mode) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: `fd` is a new descriptor we own.
+        Ok(unsafe { File::from_raw_fd(fd) })
+    }
+
+    /// `mkdir` with exactly `mode`.
+    pub fn mkdir(&self, rel: &Path, mode: u32) -> io::Result<()> {
+        let (dir, name) = self.parent(rel)?;
+        let name = cstr(name)?;
+        // SAFETY: valid fd and NUL-terminated name.
+        check(unsafe { libc::mkdirat(dir.as_raw_fd(), name.as_ptr(), mode) })
+    }
+
+    /// `mknod` (FIFOs, sockets, devices) with exactly `mode`.
+    pub fn mknod(&self, rel: &Path, mode: u32, rdev: u64) -> io::Result<()> {
+        let (dir, name) = self.parent(rel)?;
+        let name = cstr(name)?;
+        // SAFETY: valid fd and NUL-terminated name.
+        check(unsafe { libc::mknodat(dir.as_raw_fd(), name.as_ptr(), mode, rdev) })
+    }
+
+    /// Removes a file (not a directory).
+    pub fn unlink(&self, rel: &Path) -> io::Result<()> {
+        let (dir, name) = self.parent(rel)?;
+        let name = cstr(name)?;
+        // SAFETY: valid fd and NUL-terminated name.
+        check(unsafe { libc::unlinkat(dir.as_raw_fd(), name.as_ptr(), 0) })
+    }
+
+    /// Removes an empty directory.
+    pub fn rmdir(&self, rel: &Path) -> io::Result<()> {
+        let (dir, name) = self.parent(rel)?;
+        let name = cstr(name)?;
+        // SAFETY: valid fd and NUL-terminated name.
+        check(unsafe { libc::unlinkat(dir.as_raw_fd(), name.as_ptr(), libc::AT_REMOVEDIR) })
+    }
+
+    /// Creates a symlink at `rel` pointing to `target` (stored as given).
+    pub fn symlink(&self, target: &Path, rel: &Path) -> io::Result<()> {
+        let (dir, name) = self.parent(rel)?;
+        let (name, target) = (cstr(name)?, cstr(target.as_os_str())?);
+        // SAFETY: valid fd and NUL-terminated strings.
+        check(unsafe { libc::symlinkat(target.as_ptr(), dir.as_raw_fd(), name.as_ptr()) })
+    }
+
+    /// A hard link `new` to `old`.
+    pub fn link(&self, old: &Path, new: &Path) -> io::Result<()> {
+        let (odir, oname) = self.parent(old)?;
+        let (ndir, nname) = self.parent(new)?;
+        let (oname, nname) = (cstr(oname)?, cstr(nname)?);
+        // SAFETY: valid fds and NUL-terminated names.
+        check(unsafe {
+            libc::linkat(
+                odir.as_raw_fd(),
+                oname.as_ptr(),
+                ndir.as_raw_fd(),
+                nname.as_ptr(),
+                0,
+            )
+        })
+    }
+
+    /// `renameat2` with `flags` (`RENAME_NOREPLACE`, `RENAME_EXCHANGE`).
+    pub fn rename(&self, old: &Path, new: &Path, flags: u32) -> io::Result<()> {
+        let (odir, oname) = self.parent(old)?;
+        let (ndir, nname) = self.parent(new)?;
+        let (oname, nname) = (cstr(oname)?, cstr(nname)?);
+        // SAFETY: valid fds and NUL-terminated names.
+        check(unsafe {
+            libc::renameat2(
+                odir.as_raw_fd(),
+                oname.as_ptr(),
+                ndir.as_raw_fd(),
+                nname.as_ptr(),
+                flags,
+            )
+        })
+    }
+
+    /// Runs `f` on (directory fd, name) of `rel`; the root itself is (root, ".").
+    fn at<T>(&self, rel: &Path, f: impl FnOnce(i32, &std::ffi::CStr) -> T) -> io::Result<T> {
+        if rel.as_os_str().is_empty() {
+            return Ok(f(self.root_fd.as_raw_fd(), c"."));
+        }
+        let (dir, name) = self.parent(rel)?;
+        let name = cstr(name)?;
+        Ok(f(dir.as_raw_fd(), &name))
+    }
+
+    /// `chmod`; refused (`EOPNOTSUPP`) on a symlink, as Linux does.
+    pub fn chmod(&self, rel: &Path, mode: u32) -> io::Result<()> {
+        // SAFETY: valid fd and NUL-terminated name.
+        check(self.at(rel, |d, n| unsafe {
+            libc::fchmodat(d, n.as_ptr(), mode, libc::AT_SYMLINK_NOFOLLOW)
+        })?)
+    }
+
+    /// `lchown`; `u32::MAX` leaves an id unchanged.
+    pub fn chown(&self, rel: &Path, uid: u32, gid: u32) -> io::Result<()> {
+        // SAFETY: valid fd and NUL-terminated name.
+        check(self.at(rel, |d, n| unsafe {
+            libc::fchownat(d, n.as_ptr(), uid, gid, libc::AT_SYMLINK_NOFOLLOW)
+        })?)
+    }
+
+    /// `utimensat` without following a symlink (`UTIME_NOW` / `UTIME_OMIT` allowed).
+    pub fn utimens(&self, rel: &Path, times: &[libc::timespec; 2]) -> io::Result<()> {
+        // SAFETY: valid fd, NUL-terminated name and a two-element array.
+        check(self.at(rel, |d, n| unsafe {
+            libc::utimensat(d, n.as_ptr(), times.as_ptr(), libc::AT_SYMLINK_NOFOLLOW)
+        })?)
+    }
+
+    /// `faccessat` with the effective ids (the caller's, once switched).
+    pub fn access(&self, rel: &Path, mask: i32) -> io::Result<()> {
+        // SAFETY: valid fd and NUL-terminated name.
+        check(self.at(rel, |d, n| unsafe {
+            libc::faccessat(d, n.as_ptr(), mask, libc::AT_EACCESS)
+        })?)
+    }
+
+    /// A `/proc/self/fd` path for `rel` opened `O_PATH` (for the xattr calls, which have no
+    /// `*at` form), with the fd that keeps it valid. Symlinks are refused with `EPERM`, as
+    /// Linux refuses user xattrs on them.
+    fn proc_path(&self, rel: &Path) -> io::Result<(OwnedFd, std::ffi::CString)> {
+        let fd = self.open_beneath(rel, OFlag::O_PATH | OFlag::O_NOFOLLOW)?;
+        let st = nix::sys::stat::fstat(&fd).map_err(io::Error::from)?;
+        if st.st_mode & libc::S_IFMT == libc::S_IFLNK {
+            return Err(io::Error::from_raw_os_error(libc::EPERM));
+        }
+        let path = std::ffi::CString::new(format!("/proc/self/fd/{}", fd.as_raw_fd()))
+            .expect("no NUL in a number");
+        Ok((fd, path))
+    }
+
+    /// `getxattr`; with an empty `buf`, the size of the value.
+    pub fn getxattr(&self, rel: &Path, name: &OsStr, buf: &mut [u8]) -> io::Result<usize> {
+        let (_fd, path) = self.proc_path(rel)?;
+        let name = cstr(name)?;
+        // SAFETY: valid strings and a buffer of the given length.
+        let n = unsafe {
+            libc::getxattr(
+                path.as_ptr(),
+                name.as_ptr(),
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+            )
+        };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(n as usize)
+    }
+
+    /// `listxattr`; with an empty `buf`, the size of the list.
+    pub fn listxattr(&self, rel: &Path, buf: &mut [u8]) -> io::Result<usize> {
+        let (_fd, path) = self.proc_path(rel)?;
+        // SAFETY: a valid string and a buffer of the given length.
+        let n = unsafe { libc::listxattr(path.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(n as usize)
+    }
+
+    /// `setxattr`.
+    pub fn setxattr(&self, rel: &Path, name: &OsStr, value: &[u8], flags: i32) -> io::Result<()> {
+        let (_fd, path) = self.proc_path(rel)?;
+        let name = cstr(name)?;
+        // SAFETY: valid strings and a value of the given length.
+        check(unsafe {
+            libc::setxattr(
+                path.as_ptr(),
+                name.as_ptr(),
+                value.as_ptr().cast(),
+                value.len(),
+                flags,
+            )
+        })
+    }
+
+    /// `removexattr`.
+    pub fn removexattr(&self, rel: &Path, name: &OsStr) -> io::Result<()> {
+        let (_fd, path) = self.proc_path(rel)?;
+        let name = cstr(name)?;
+        // SAFETY: valid strings.
+        check(unsafe { libc::removexattr(path.as_ptr(), name.as_ptr()) })
+    }
+}
+
+fn cstr(s: &OsStr) -> io::Result<std::ffi::CString> {
+    std::ffi::CString::new(s.as_bytes()).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))
+}
+
+fn check(ret: libc::c_int) -> io::Result<()> {
+    if ret < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
     }
 }
 

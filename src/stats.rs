@@ -77,6 +77,11 @@ counters! {
     session_bytes_downloaded,
     /// Read requests that failed with an error.
     read_errors,
+    /// Opens for writing (written through to the NAS).
+    opens_write,
+    /// Bytes written to the NAS by user-space writer handles (passthrough writes never reach
+    /// the daemon).
+    bytes_written,
 }
 
 /// Upper bounds, in seconds, of the read latency histogram buckets (plus `+Inf`).

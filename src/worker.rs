@@ -404,6 +404,20 @@ impl Worker {
         n
     }
 
+    /// Cancels the copies of every path at or below `prefix`.
+    pub fn cancel_under(&self, prefix: &Path) -> usize {
+        let paths: Vec<PathBuf> = {
+            let st = self.state.lock();
+            st.queued
+                .iter()
+                .chain(st.running.keys())
+                .filter(|p| p.starts_with(prefix))
+                .cloned()
+                .collect()
+        };
+        self.cancel(&paths)
+    }
+
     /// Replaces the required set (the models the active workflow needs).
     pub fn set_required(&self, paths: &[PathBuf]) {
         self.state.lock().required = paths.iter().cloned().collect();

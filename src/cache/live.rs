@@ -211,6 +211,37 @@ impl Cache {
         Ok(())
     }
 
+    /// Drops every copy at or below `prefix` (a path renamed, replaced or removed on the NAS).
+    /// Returns how many were dropped.
+    pub fn discard_under(&self, prefix: &Path) -> usize {
+        let mut paths: Vec<PathBuf> = self
+            .store
+            .summaries()
+            .into_iter()
+            .map(|(p, ..)| p)
+            .filter(|p| p.starts_with(prefix))
+            .collect();
+        paths.extend(
+            self.live
+                .lock()
+                .keys()
+                .filter(|p| p.starts_with(prefix))
+                .cloned(),
+        );
+        paths.sort();
+        paths.dedup();
+        let mut n = 0;
+        for p in &paths {
+            match self.discard(p) {
+                Ok(()) => n += 1,
+                Err(e) => {
+                    tracing::warn!(path = %p.display(), error = %e, "could not drop a cache copy")
+                }
+            }
+        }
+        n
+    }
+
     /// Records that `rel` was opened through the mount: most recently used, and not evictable
     /// until [`Cache::close_ref`].
     pub fn open_ref(&self, rel: &Path) {

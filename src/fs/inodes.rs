@@ -37,8 +37,16 @@ pub enum IoMode {
     /// No handle that counts is open.
     #[default]
     Idle,
-    /// Handles read the SSD copy through kernel passthrough; the backing id is shared.
-    Passthrough(std::sync::Weak<fuser::BackingId>),
+    /// Handles use kernel passthrough to one backing file: the SSD copy (readers), or the NAS
+    /// file itself (`nas`: a writer is or was open).
+    Passthrough {
+        /// The backing id all handles of the inode share.
+        backing: std::sync::Weak<fuser::BackingId>,
+        /// Whether the backing file is the NAS file (else the SSD copy).
+        nas: bool,
+        /// Whether the backing file was opened for reading too.
+        readable: bool,
+    },
     /// Handles read through the daemon (page-cache I/O).
     Cached,
 }
@@ -60,6 +68,14 @@ pub struct Node {
     /// For a directory: its mtime (s, ns) when it was last opened, to let the kernel keep its
     /// cached listing while the directory is unchanged.
     pub dir_mtime: Option<(i64, i64)>,
+    /// Handles open for writing.
+    pub writers: u32,
+    /// Set when the file's content changes through the mount: handles that read a cache copy
+    /// read the NAS from then on. Replaced by a fresh flag once no writer is left, so later
+    /// handles are not affected.
+    pub stale: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    /// The path was unlinked or replaced: only open handles still reach the file.
+    pub gone: bool,
 }
 
 impl Node {
@@ -71,6 +87,9 @@ impl Node {
             mode: IoMode::Idle,
             last_identity: None,
             dir_mtime: None,
+            writers: 0,
+            stale: Default::default(),
+            gone: false,
         }
     }
 }
@@ -96,10 +115,36 @@ impl Inodes {
             .nodes
             .entry(ino)
             .or_insert_with(|| Node::new(rel.to_path_buf()));
-        if node.rel != rel && ino != ROOT_INO {
+        if (node.rel != rel || node.gone) && ino != ROOT_INO {
             node.rel = rel.to_path_buf();
+            node.gone = false;
         }
         node.nlookup += 1;
+    }
+
+    /// After a rename of `old` to `new`: every known inode at or below `old` moves.
+    pub fn renamed(&mut self, old: &Path, new: &Path) {
+        for node in self.nodes.values_mut() {
+            if let Ok(rest) = node.rel.strip_prefix(old)
+                && !node.gone
+            {
+                node.rel = if rest.as_os_str().is_empty() {
+                    new.to_path_buf()
+                } else {
+                    new.join(rest)
+                };
+            }
+        }
+    }
+
+    /// The inode known at `rel` (if any) no longer has that name.
+    pub fn unlinked(&mut self, ino: u64, rel: &Path) {
+        if let Some(node) = self.nodes.get_mut(&ino)
+            && node.rel == rel
+            && ino != ROOT_INO
+        {
+            node.gone = true;
+        }
     }
 
     /// Drops `n` lookups; forgets the inode when none are left and no handle is open.
@@ -115,9 +160,12 @@ impl Inodes {
         }
     }
 
-    /// The NAS path of an inode.
+    /// The NAS path of an inode (`None`: unknown, or its name is gone).
     pub fn path(&self, ino: u64) -> Option<PathBuf> {
-        self.nodes.get(&ino).map(|n| n.rel.clone())
+        self.nodes
+            .get(&ino)
+            .filter(|n| !n.gone)
+            .map(|n| n.rel.clone())
     }
 
     /// The node of an inode.
@@ -170,5 +218,28 @@ mod tests {
         assert!(t.path(10).is_none());
         t.forget(ROOT_INO, 100);
         assert_eq!(t.path(ROOT_INO).unwrap(), Path::new(""));
+    }
+
+    #[test]
+    fn renames_move_subtrees_and_unlinks_hide_names() {
+        let mut t = Inodes::default();
+        t.remember(10, Path::new("a"));
+        t.remember(11, Path::new("a/b"));
+        t.remember(12, Path::new("a/b/c.safetensors"));
+        t.remember(13, Path::new("ab"));
+        t.renamed(Path::new("a"), Path::new("x/y"));
+        assert_eq!(t.path(10).unwrap(), Path::new("x/y"));
+        assert_eq!(t.path(12).unwrap(), Path::new("x/y/b/c.safetensors"));
+        assert_eq!(
+            t.path(13).unwrap(),
+            Path::new("ab"),
+            "a prefix of a name is not a parent"
+        );
+        t.unlinked(12, Path::new("elsewhere"));
+        assert!(t.path(12).is_some(), "another name of the inode");
+        t.unlinked(12, Path::new("x/y/b/c.safetensors"));
+        assert!(t.path(12).is_none());
+        t.remember(12, Path::new("x/y/b/c2.safetensors"));
+        assert_eq!(t.path(12).unwrap(), Path::new("x/y/b/c2.safetensors"));
     }
 }

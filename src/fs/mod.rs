@@ -9,9 +9,13 @@
 //!   the first read queues the worker to complete the copy;
 //! - **nas**: everything else is read from the NAS.
 //!
-//! Until write support lands, every modifying operation fails with `EROFS`.
+//! Changes are written through to the NAS (`write.rs`), as the calling user (`creds.rs`). A
+//! file opened for writing loses its cache copy at once; handles that were reading a copy read
+//! the NAS from then on, so no reader sees old and new bytes mixed.
 
+pub mod creds;
 pub mod inodes;
+mod write;
 
 use std::collections::HashMap;
 use std::ffi::OsStr;
@@ -25,7 +29,7 @@ use fuser::{
     AccessFlags, BackingId, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags,
     Generation, INodeNo, InitFlags, KernelConfig, LockOwner, OpenAccMode, OpenFlags, ReplyAttr,
     ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen,
-    ReplyStatfs, ReplyWrite, Request, TimeOrNow, WriteFlags,
+    ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
 use nix::sys::stat::FileStat;
 use parking_lot::Mutex;
@@ -48,13 +52,20 @@ pub struct FsOptions {
     pub attr_ttl: Duration,
     /// Whether to use kernel passthrough for complete copies when the kernel offers it.
     pub passthrough: bool,
+    /// Make every change to the NAS as this (uid, gid) instead of the caller.
+    pub write_as: Option<(u32, u32)>,
 }
 
 enum HandleKind {
     Passthrough(#[allow(dead_code)] Arc<BackingId>),
     Ssd(File),
-    Fill { cf: Arc<CacheFile>, nas: File },
+    Fill {
+        cf: Arc<CacheFile>,
+        nas: File,
+    },
     Nas(File),
+    /// Open for writing, served in user space: reads and writes go to the NAS file.
+    Write(File),
 }
 
 /// A directory listing: (name, type, inode).
@@ -71,6 +82,25 @@ struct Handle {
     kind: HandleKind,
     /// The NAS path whose cache copy this handle keeps from eviction.
     cache_ref: Option<PathBuf>,
+    /// The NAS file, where the kind does not hold it (SSD and passthrough handles): for reads
+    /// once the copy is stale, `fstat`, `fsync` and `fallocate`.
+    nas: Option<File>,
+    /// The inode's flag for "the content changed through the mount".
+    stale: Arc<AtomicBool>,
+    /// Whether the handle counts as a writer of its inode.
+    writer: bool,
+}
+
+impl Handle {
+    /// The NAS file behind the handle, if it holds one.
+    fn nas_file(&self) -> Option<&File> {
+        match &self.kind {
+            HandleKind::Fill { nas, .. } | HandleKind::Nas(nas) | HandleKind::Write(nas) => {
+                Some(nas)
+            }
+            HandleKind::Ssd(_) | HandleKind::Passthrough(_) => self.nas.as_ref(),
+        }
+    }
 }
 
 /// The arenafs filesystem.
@@ -147,15 +177,22 @@ impl ArenaFs {
         self.next_fh.fetch_add(1, Ordering::Relaxed)
     }
 
-    /// Decides how to open a regular file and replies.
+    /// Decides how to open a regular file for reading and replies.
     fn open_file(&self, ino: u64, rel: &Path, reply: ReplyOpen) -> Result<(), Errno> {
         let nas = self.nas.open_file(rel)?;
         let st = nix::sys::stat::fstat(&nas).map_err(|e| Errno::from_i32(e as i32))?;
         let identity = self.cache.rule().identity(&st);
+        // While the file is open for writing through the mount, readers read the NAS.
+        let writing = self
+            .inodes
+            .lock()
+            .get_mut(ino)
+            .is_some_and(|n| n.writers > 0);
 
         // Red makes copies; green only serves complete ones; gray never gets here (Disabled).
         let making = self.live.settings().state() == CacheState::Red;
-        let cacheable = self.live.policy().decide(rel, identity.size) == Decision::Cache;
+        let cacheable =
+            !writing && self.live.policy().decide(rel, identity.size) == Decision::Cache;
         let found = match cacheable {
             true => match self.cache.find(rel, identity, making) {
                 Ok(Found::Partial(_)) if !making => Found::None,
@@ -183,7 +220,7 @@ impl ArenaFs {
 
         let mut inodes = self.inodes.lock();
         let node = inodes.get_mut(ino).ok_or(Errno::ESTALE)?;
-        let keep_cache = node.last_identity == Some(identity);
+        let keep_cache = node.last_identity == Some(identity) && node.writers == 0;
         node.last_identity = Some(identity);
         let flags = if keep_cache {
             FopenFlags::FOPEN_KEEP_CACHE
@@ -191,23 +228,46 @@ impl ArenaFs {
             FopenFlags::empty()
         };
         let fh = self.new_fh();
+        let stale = node.stale.clone();
 
-        // The kernel allows one I/O mode per inode: once a handle reads through passthrough, every
-        // open of the inode must use passthrough with the same backing file.
-        if let (IoMode::Passthrough(w), true) = (&node.mode, node.open > 0) {
-            let backing = w.upgrade().filter(|_| matches!(found, Found::Complete(_)));
-            let Some(backing) = backing else {
+        // The kernel allows one I/O mode per inode: once a handle uses passthrough, every open of
+        // the inode must use passthrough with the same backing file.
+        if let (
+            IoMode::Passthrough {
+                backing,
+                nas: on_nas,
+                readable,
+            },
+            true,
+        ) = (&node.mode, node.open > 0)
+        {
+            let usable = match on_nas {
+                // The NAS file itself (a writer has it open): live bytes.
+                true => *readable,
+                // The SSD copy: only while it is still the NAS file's content.
+                false => matches!(found, Found::Complete(_)),
+            };
+            let Some(backing) = backing.upgrade().filter(|_| usable) else {
                 drop(inodes);
                 tracing::warn!(
                     path = %rel.display(),
-                    "NAS file changed while its old cache copy is still open; refusing the open until it is closed"
+                    "the file changed while other handles still read it through passthrough; refusing the open until they close"
                 );
                 reply.error(Errno::ETXTBSY);
                 return Ok(());
             };
+            let on_nas = *on_nas;
             node.open += 1;
             drop(inodes);
-            self.reply_passthrough(fh, ino, backing, cache_ref, reply);
+            let handle = Handle {
+                ino,
+                kind: HandleKind::Passthrough(backing.clone()),
+                cache_ref: if on_nas { None } else { cache_ref },
+                nas: Some(nas),
+                stale,
+                writer: false,
+            };
+            self.reply_passthrough(fh, handle, &backing, reply);
             return Ok(());
         }
 
@@ -221,10 +281,22 @@ impl ArenaFs {
             match reply.open_backing(&data) {
                 Ok(backing) => {
                     let backing = Arc::new(backing);
-                    node.mode = IoMode::Passthrough(Arc::downgrade(&backing));
+                    node.mode = IoMode::Passthrough {
+                        backing: Arc::downgrade(&backing),
+                        nas: false,
+                        readable: true,
+                    };
                     node.open += 1;
                     drop(inodes);
-                    self.reply_passthrough(fh, ino, backing, cache_ref, reply);
+                    let handle = Handle {
+                        ino,
+                        kind: HandleKind::Passthrough(backing.clone()),
+                        cache_ref,
+                        nas: Some(nas),
+                        stale,
+                        writer: false,
+                    };
+                    self.reply_passthrough(fh, handle, &backing, reply);
                     return Ok(());
                 }
                 Err(e) => {
@@ -235,50 +307,53 @@ impl ArenaFs {
         }
 
         // Every other handle reads through the daemon with the page cache.
-        let kind = match found {
+        let (kind, nas_extra) = match found {
             Found::Complete(path) => match File::open(&path) {
                 Ok(f) => {
                     Stats::add(&self.stats.opens_ssd, 1);
-                    HandleKind::Ssd(f)
+                    (HandleKind::Ssd(f), Some(nas))
                 }
                 Err(e) => {
                     tracing::warn!(path = %rel.display(), error = %e, "cache copy unreadable; dropping it");
                     let _ = self.cache.discard(rel);
                     Stats::add(&self.stats.opens_nas, 1);
-                    HandleKind::Nas(nas)
+                    (HandleKind::Nas(nas), None)
                 }
             },
             Found::Partial(cf) => {
                 Stats::add(&self.stats.opens_filling, 1);
-                HandleKind::Fill { cf, nas }
+                (HandleKind::Fill { cf, nas }, None)
             }
             Found::None => {
                 Stats::add(&self.stats.opens_nas, 1);
-                HandleKind::Nas(nas)
+                (HandleKind::Nas(nas), None)
             }
         };
         node.mode = IoMode::Cached;
         node.open += 1;
         drop(inodes);
         // The handle exists before the kernel can send a read for it.
-        self.insert_handle(fh, ino, kind, cache_ref);
+        self.insert_handle(
+            fh,
+            Handle {
+                ino,
+                kind,
+                cache_ref,
+                nas: nas_extra,
+                stale,
+                writer: false,
+            },
+        );
         reply.opened(FileHandle(fh), flags);
         Ok(())
     }
 
-    fn reply_passthrough(
-        &self,
-        fh: u64,
-        ino: u64,
-        backing: Arc<BackingId>,
-        cache_ref: Option<PathBuf>,
-        reply: ReplyOpen,
-    ) {
+    fn reply_passthrough(&self, fh: u64, handle: Handle, backing: &BackingId, reply: ReplyOpen) {
         Stats::add(&self.stats.opens_passthrough, 1);
         // The handle exists before the kernel can use it. FOPEN_KEEP_CACHE is not allowed with
         // passthrough.
-        self.insert_handle(fh, ino, HandleKind::Passthrough(backing.clone()), cache_ref);
-        reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), &backing);
+        self.insert_handle(fh, handle);
+        reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), backing);
     }
 
     /// The listing of an open directory, read from the NAS on first use.
@@ -302,23 +377,31 @@ impl ArenaFs {
         Ok((dir.rel.clone(), entries))
     }
 
-    fn insert_handle(&self, fh: u64, ino: u64, kind: HandleKind, cache_ref: Option<PathBuf>) {
-        if let Some(rel) = &cache_ref {
+    fn insert_handle(&self, fh: u64, handle: Handle) {
+        if let Some(rel) = &handle.cache_ref {
             self.cache.open_ref(rel);
         }
-        self.handles.lock().insert(
-            fh,
-            Arc::new(Handle {
-                ino,
-                kind,
-                cache_ref,
-            }),
-        );
+        self.handles.lock().insert(fh, Arc::new(handle));
     }
 
     fn read_handle(&self, h: &Handle, offset: u64, size: u32) -> Result<Vec<u8>, Errno> {
+        // The file was written through the mount since this handle opened: its copy is not
+        // the NAS file's content any more.
+        if h.stale.load(Ordering::Acquire)
+            && matches!(h.kind, HandleKind::Ssd(_) | HandleKind::Fill { .. })
+            && let Some(nas) = h.nas_file()
+        {
+            let buf = read_at(nas, offset, size)?;
+            Stats::add(&self.stats.bytes_from_nas, buf.len() as u64);
+            return Ok(buf);
+        }
         match &h.kind {
             HandleKind::Passthrough(_) => Err(Errno::EIO), // the kernel reads these itself
+            HandleKind::Write(f) => {
+                let buf = read_at(f, offset, size)?;
+                Stats::add(&self.stats.bytes_from_nas, buf.len() as u64);
+                Ok(buf)
+            }
             HandleKind::Ssd(f) => {
                 let buf = read_at(f, offset, size)?;
                 Stats::add(&self.stats.bytes_from_ssd, buf.len() as u64);
@@ -484,9 +567,29 @@ impl Filesystem for ArenaFs {
         self.inodes.lock().forget(ino.0, nlookup);
     }
 
-    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
-        let rel = try_reply!(reply, self.path(ino));
-        let st = try_reply!(reply, self.nas.stat(&rel));
+    fn getattr(&self, _req: &Request, ino: INodeNo, fh: Option<FileHandle>, reply: ReplyAttr) {
+        // An open handle knows its file even after its name is gone (the kernel sends no
+        // handle for `fstat`: any handle of the inode will do then).
+        let handle = {
+            let handles = self.handles.lock();
+            match fh.and_then(|fh| handles.get(&fh.0)) {
+                Some(h) => Some(h.clone()),
+                None if self.inodes.lock().path(ino.0).is_none() => handles
+                    .values()
+                    .find(|h| h.ino == ino.0 && h.nas_file().is_some())
+                    .cloned(),
+                None => None,
+            }
+        };
+        let by_handle =
+            handle.and_then(|h| h.nas_file().and_then(|f| nix::sys::stat::fstat(f).ok()));
+        let st = match by_handle {
+            Some(st) => st,
+            None => {
+                let rel = try_reply!(reply, self.path(ino));
+                try_reply!(reply, self.nas.stat(&rel))
+            }
+        };
         let mut attr = self.attr(&st);
         attr.ino = ino;
         reply.attr(&self.opts.attr_ttl, &attr);
@@ -498,12 +601,24 @@ impl Filesystem for ArenaFs {
         reply.data(target.as_encoded_bytes());
     }
 
-    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+    fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        let rel = try_reply!(reply, self.path(ino));
         if flags.acc_mode() != OpenAccMode::O_RDONLY || flags.0 & libc::O_TRUNC != 0 {
-            reply.error(Errno::EROFS);
+            let caller = self.caller(req);
+            let opened =
+                self.open_writer(ino.0, &rel, flags.0, &caller, &|f| reply.open_backing(f));
+            match opened {
+                Ok(w) => {
+                    let fh = FileHandle(w.fh);
+                    match &w.backing {
+                        Some(b) => reply.opened_passthrough(fh, FopenFlags::empty(), b),
+                        None => reply.opened(fh, w.flags),
+                    }
+                }
+                Err(e) => reply.error(e),
+            }
             return;
         }
-        let rel = try_reply!(reply, self.path(ino));
         if let Err(e) = self.open_file(ino.0, &rel, reply) {
             // `open_file` only fails before it replies.
             tracing::debug!(path = %rel.display(), error = ?e, "open failed");
@@ -531,7 +646,7 @@ impl Filesystem for ArenaFs {
         match &h.kind {
             HandleKind::Ssd(_) => latency.ssd.observe(started.elapsed()),
             HandleKind::Fill { .. } => latency.fill.observe(started.elapsed()),
-            HandleKind::Nas(_) => latency.nas.observe(started.elapsed()),
+            HandleKind::Nas(_) | HandleKind::Write(_) => latency.nas.observe(started.elapsed()),
             HandleKind::Passthrough(_) => {}
         }
         match result {
@@ -572,8 +687,20 @@ impl Filesystem for ArenaFs {
             if let Some(rel) = &h.cache_ref {
                 self.cache.close_ref(rel);
             }
+            if h.writer
+                && let Some(rel) = self.inodes.lock().path(h.ino)
+            {
+                // What readers may have cached while it was written is not the new content.
+                self.forget_copies(&rel);
+            }
             let mut inodes = self.inodes.lock();
             if let Some(node) = inodes.get_mut(h.ino) {
+                if h.writer {
+                    node.writers = node.writers.saturating_sub(1);
+                    if node.writers == 0 {
+                        node.stale = Default::default();
+                    }
+                }
                 node.open = node.open.saturating_sub(1);
                 if node.open == 0 {
                     node.mode = IoMode::Idle;
@@ -708,162 +835,289 @@ impl Filesystem for ArenaFs {
         );
     }
 
-    fn access(&self, _req: &Request, ino: INodeNo, mask: AccessFlags, reply: ReplyEmpty) {
-        let _ = try_reply!(reply, self.path(ino));
-        if mask.contains(AccessFlags::W_OK) {
-            reply.error(Errno::EROFS);
-        } else {
-            reply.ok();
-        }
+    fn access(&self, req: &Request, ino: INodeNo, mask: AccessFlags, reply: ReplyEmpty) {
+        let rel = try_reply!(reply, self.path(ino));
+        let caller = self.caller(req);
+        try_reply!(
+            reply,
+            self.as_caller(&caller, || self.nas.access(&rel, mask.bits()))
+        );
+        reply.ok();
     }
-
-    // Read-only until write-through lands: every modifying operation fails with EROFS.
 
     fn setattr(
         &self,
-        _req: &Request,
-        _ino: INodeNo,
-        _mode: Option<u32>,
-        _uid: Option<u32>,
-        _gid: Option<u32>,
-        _size: Option<u64>,
-        _atime: Option<TimeOrNow>,
-        _mtime: Option<TimeOrNow>,
+        req: &Request,
+        ino: INodeNo,
+        mode: Option<u32>,
+        uid: Option<u32>,
+        gid: Option<u32>,
+        size: Option<u64>,
+        atime: Option<TimeOrNow>,
+        mtime: Option<TimeOrNow>,
         _ctime: Option<SystemTime>,
-        _fh: Option<FileHandle>,
+        fh: Option<FileHandle>,
         _crtime: Option<SystemTime>,
         _chgtime: Option<SystemTime>,
         _bkuptime: Option<SystemTime>,
         _flags: Option<fuser::BsdFileFlags>,
         reply: ReplyAttr,
     ) {
-        reply.error(Errno::EROFS);
+        let caller = self.caller(req);
+        let handle = fh.and_then(|fh| self.handles.lock().get(&fh.0).cloned());
+        let attr = try_reply!(
+            reply,
+            self.do_setattr(&caller, ino.0, handle, mode, uid, gid, size, atime, mtime)
+        );
+        reply.attr(&self.opts.attr_ttl, &attr);
     }
 
     fn mknod(
         &self,
-        _req: &Request,
-        _parent: INodeNo,
-        _name: &OsStr,
-        _mode: u32,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
         _umask: u32,
-        _rdev: u32,
+        rdev: u32,
         reply: ReplyEntry,
     ) {
-        reply.error(Errno::EROFS);
+        let rel = try_reply!(reply, self.child_of(parent, name));
+        let caller = self.caller(req);
+        let attr = try_reply!(
+            reply,
+            self.do_make(&caller, &rel, || self.nas.mknod(&rel, mode, rdev as u64))
+        );
+        reply.entry(&self.opts.attr_ttl, &attr, Generation(0));
     }
 
     fn mkdir(
         &self,
-        _req: &Request,
-        _parent: INodeNo,
-        _name: &OsStr,
-        _mode: u32,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
         _umask: u32,
         reply: ReplyEntry,
     ) {
-        reply.error(Errno::EROFS);
+        let rel = try_reply!(reply, self.child_of(parent, name));
+        let caller = self.caller(req);
+        let attr = try_reply!(
+            reply,
+            self.do_make(&caller, &rel, || self.nas.mkdir(&rel, mode & 0o7777))
+        );
+        reply.entry(&self.opts.attr_ttl, &attr, Generation(0));
     }
 
-    fn unlink(&self, _req: &Request, _parent: INodeNo, _name: &OsStr, reply: ReplyEmpty) {
-        reply.error(Errno::EROFS);
+    fn unlink(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let rel = try_reply!(reply, self.child_of(parent, name));
+        let caller = self.caller(req);
+        try_reply!(reply, self.do_remove(&caller, &rel, false));
+        reply.ok();
     }
 
-    fn rmdir(&self, _req: &Request, _parent: INodeNo, _name: &OsStr, reply: ReplyEmpty) {
-        reply.error(Errno::EROFS);
+    fn rmdir(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let rel = try_reply!(reply, self.child_of(parent, name));
+        let caller = self.caller(req);
+        try_reply!(reply, self.do_remove(&caller, &rel, true));
+        reply.ok();
     }
 
     fn symlink(
         &self,
-        _req: &Request,
-        _parent: INodeNo,
-        _link_name: &OsStr,
-        _target: &Path,
+        req: &Request,
+        parent: INodeNo,
+        link_name: &OsStr,
+        target: &Path,
         reply: ReplyEntry,
     ) {
-        reply.error(Errno::EROFS);
+        let rel = try_reply!(reply, self.child_of(parent, link_name));
+        let caller = self.caller(req);
+        let attr = try_reply!(
+            reply,
+            self.do_make(&caller, &rel, || self.nas.symlink(target, &rel))
+        );
+        reply.entry(&self.opts.attr_ttl, &attr, Generation(0));
     }
 
     fn rename(
         &self,
-        _req: &Request,
-        _parent: INodeNo,
-        _name: &OsStr,
-        _newparent: INodeNo,
-        _newname: &OsStr,
-        _flags: fuser::RenameFlags,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        newparent: INodeNo,
+        newname: &OsStr,
+        flags: fuser::RenameFlags,
         reply: ReplyEmpty,
     ) {
-        reply.error(Errno::EROFS);
+        let old = try_reply!(reply, self.child_of(parent, name));
+        let new = try_reply!(reply, self.child_of(newparent, newname));
+        let caller = self.caller(req);
+        try_reply!(reply, self.do_rename(&caller, &old, &new, flags.bits()));
+        reply.ok();
     }
 
     fn link(
         &self,
-        _req: &Request,
-        _ino: INodeNo,
-        _newparent: INodeNo,
-        _newname: &OsStr,
+        req: &Request,
+        ino: INodeNo,
+        newparent: INodeNo,
+        newname: &OsStr,
         reply: ReplyEntry,
     ) {
-        reply.error(Errno::EROFS);
+        let old = try_reply!(reply, self.path(ino));
+        let new = try_reply!(reply, self.child_of(newparent, newname));
+        let caller = self.caller(req);
+        let attr = try_reply!(reply, self.do_link(&caller, &old, &new));
+        reply.entry(&self.opts.attr_ttl, &attr, Generation(0));
+    }
+
+    fn create(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        _umask: u32,
+        flags: i32,
+        reply: ReplyCreate,
+    ) {
+        let rel = try_reply!(reply, self.child_of(parent, name));
+        let caller = self.caller(req);
+        let made = self.do_create(&caller, &rel, mode, flags, &|f| reply.open_backing(f));
+        let (attr, opened) = try_reply!(reply, made);
+        let ttl = self.opts.attr_ttl;
+        match &opened.backing {
+            Some(b) => reply.created_passthrough(
+                &ttl,
+                &attr,
+                Generation(0),
+                FileHandle(opened.fh),
+                FopenFlags::empty(),
+                b,
+            ),
+            None => reply.created(
+                &ttl,
+                &attr,
+                Generation(0),
+                FileHandle(opened.fh),
+                opened.flags,
+            ),
+        }
     }
 
     fn write(
         &self,
         _req: &Request,
         _ino: INodeNo,
-        _fh: FileHandle,
-        _offset: u64,
-        _data: &[u8],
+        fh: FileHandle,
+        offset: u64,
+        data: &[u8],
         _write_flags: WriteFlags,
         _flags: OpenFlags,
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
-        reply.error(Errno::EROFS);
+        let Some(h) = self.handles.lock().get(&fh.0).cloned() else {
+            reply.error(Errno::EBADF);
+            return;
+        };
+        let n = try_reply!(reply, self.do_write(&h, offset, data));
+        reply.written(n);
     }
 
-    fn create(
-        &self,
-        _req: &Request,
-        _parent: INodeNo,
-        _name: &OsStr,
-        _mode: u32,
-        _umask: u32,
-        _flags: i32,
-        reply: ReplyCreate,
-    ) {
-        reply.error(Errno::EROFS);
-    }
-
-    fn setxattr(
+    fn fsync(
         &self,
         _req: &Request,
         _ino: INodeNo,
-        _name: &OsStr,
-        _value: &[u8],
-        _flags: i32,
-        _position: u32,
+        fh: FileHandle,
+        datasync: bool,
         reply: ReplyEmpty,
     ) {
-        reply.error(Errno::EROFS);
+        let Some(h) = self.handles.lock().get(&fh.0).cloned() else {
+            reply.error(Errno::EBADF);
+            return;
+        };
+        try_reply!(reply, self.do_fsync(&h, datasync));
+        reply.ok();
     }
 
-    fn removexattr(&self, _req: &Request, _ino: INodeNo, _name: &OsStr, reply: ReplyEmpty) {
-        reply.error(Errno::EROFS);
+    fn fsyncdir(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        reply.ok();
     }
 
     fn fallocate(
         &self,
         _req: &Request,
         _ino: INodeNo,
-        _fh: FileHandle,
-        _offset: u64,
-        _length: u64,
-        _mode: i32,
+        fh: FileHandle,
+        offset: u64,
+        length: u64,
+        mode: i32,
         reply: ReplyEmpty,
     ) {
-        reply.error(Errno::EROFS);
+        let Some(h) = self.handles.lock().get(&fh.0).cloned() else {
+            reply.error(Errno::EBADF);
+            return;
+        };
+        try_reply!(reply, self.do_fallocate(&h, offset, length, mode));
+        reply.ok();
+    }
+
+    fn getxattr(&self, req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        let rel = try_reply!(reply, self.path(ino));
+        let caller = self.caller(req);
+        let answer = self.xattr_read(&caller, size, |buf| self.nas.getxattr(&rel, name, buf));
+        match try_reply!(reply, answer) {
+            write::XattrAnswer::Size(n) => reply.size(n),
+            write::XattrAnswer::Data(d) => reply.data(&d),
+        }
+    }
+
+    fn listxattr(&self, req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        let rel = try_reply!(reply, self.path(ino));
+        let caller = self.caller(req);
+        let answer = self.xattr_read(&caller, size, |buf| self.nas.listxattr(&rel, buf));
+        match try_reply!(reply, answer) {
+            write::XattrAnswer::Size(n) => reply.size(n),
+            write::XattrAnswer::Data(d) => reply.data(&d),
+        }
+    }
+
+    fn setxattr(
+        &self,
+        req: &Request,
+        ino: INodeNo,
+        name: &OsStr,
+        value: &[u8],
+        flags: i32,
+        _position: u32,
+        reply: ReplyEmpty,
+    ) {
+        let rel = try_reply!(reply, self.path(ino));
+        let caller = self.caller(req);
+        try_reply!(
+            reply,
+            self.as_caller(&caller, || self.nas.setxattr(&rel, name, value, flags))
+        );
+        reply.ok();
+    }
+
+    fn removexattr(&self, req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let rel = try_reply!(reply, self.path(ino));
+        let caller = self.caller(req);
+        try_reply!(
+            reply,
+            self.as_caller(&caller, || self.nas.removexattr(&rel, name))
+        );
+        reply.ok();
     }
 }
 

@@ -318,11 +318,11 @@ fn metadata_matches_the_nas() {
 }
 
 #[test]
-fn writes_fail_with_erofs() {
+fn a_read_only_mount_refuses_writes() {
     require_mount!();
     let d = Dirs::new();
     d.nas_file("loras/x.safetensors", 10, 1);
-    let m = d.mount(&[]);
+    let m = d.mount(&["ro"]);
     let erofs = |r: std::io::Result<()>| {
         assert_eq!(r.unwrap_err().raw_os_error(), Some(libc::EROFS));
     };

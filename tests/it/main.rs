@@ -2,6 +2,8 @@
 //! through the kernel with ordinary system calls and tools.
 
 mod cli;
+mod client;
+mod conformance;
 mod control;
 mod crash;
 mod data;
@@ -9,3 +11,4 @@ mod discovery;
 mod lifecycle;
 mod policy;
 mod util;
+mod write;
