@@ -92,19 +92,26 @@ pub fn run(
         stats.clone(),
         Arc::new(Foreground::default()),
     );
+    let health = Arc::new(crate::health::Health::default());
+    health.start(nas.clone())?;
+    worker.watch_health(health.clone());
     let passthrough = Arc::new(AtomicBool::new(false));
     let fs = ArenaFs::new(
-        nas.clone(),
-        cache.clone(),
-        worker.clone(),
-        live.clone(),
-        stats.clone(),
+        crate::fs::Parts {
+            nas: nas.clone(),
+            cache: cache.clone(),
+            worker: worker.clone(),
+            live: live.clone(),
+            stats: stats.clone(),
+            passthrough_ok: passthrough.clone(),
+            health: health.clone(),
+        },
         FsOptions {
             attr_ttl: cfg.attr_ttl,
             passthrough: cfg.passthrough,
             write_as: cfg.write_as,
+            offline_copies: cfg.offline_copies,
         },
-        passthrough.clone(),
     )?;
 
     let dev = mount::mount(
@@ -164,6 +171,7 @@ pub fn run(
             live: live.clone(),
             reloader: reloader.clone(),
             autopatch: Default::default(),
+            health: health.clone(),
         },
     );
     let server = match server {
@@ -213,6 +221,7 @@ pub fn run(
     let result = session.run();
     tracing::info!("unmounted; finishing");
     worker.stop();
+    health.stop();
     housekeeping.stop();
     cache.shutdown();
     save_stats(&cache, &stats);

@@ -9,6 +9,7 @@
 //! - [`cache`]: the SSD cache: layout, index, chunk maps, live copies being filled.
 //! - [`worker`]: background completion of copies.
 //! - [`fs`]: the FUSE adapter.
+//! - [`health`]: whether the NAS is there (offline mode).
 //! - [`models`]: model references (`category/file`) and their NAS paths.
 //! - [`mount`]: mounting, stale-mount recovery, unmounting.
 //! - [`options`]: mount options (`-o`) and their flag twins.
@@ -26,6 +27,7 @@ pub mod ctl;
 pub mod daemon;
 pub mod discover;
 pub mod fs;
+pub mod health;
 pub mod models;
 pub mod mount;
 pub mod options;

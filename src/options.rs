@@ -36,6 +36,8 @@ pub struct MountOptions {
     pub token_file: Option<PathBuf>,
     /// Make every change to the NAS as this (uid, gid) instead of the calling user.
     pub write_as: Option<(u32, u32)>,
+    /// Serve complete copies while the NAS is offline (default on).
+    pub offline_copies: bool,
     /// FUSE request threads.
     pub threads: usize,
     /// Log file of a background daemon.
@@ -60,6 +62,7 @@ impl Default for MountOptions {
             listen: None,
             token_file: None,
             write_as: None,
+            offline_copies: true,
             threads: 8,
             log_file: None,
             env_file: None,
@@ -105,6 +108,10 @@ impl MountOptions {
             "env" => self.env_file = Some(PathBuf::from(need(())?)),
             "passthrough" => {
                 self.passthrough =
+                    config::boolean(need(())?).map_err(|e| format!("option {key}: {e}"))?
+            }
+            "offline_copies" => {
+                self.offline_copies =
                     config::boolean(need(())?).map_err(|e| format!("option {key}: {e}"))?
             }
             "attr_timeout" => {

@@ -10,9 +10,10 @@
 use std::ffi::{OsStr, OsString};
 use std::fs::File;
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use nix::fcntl::{OFlag, OpenHow, ResolveFlag};
 use nix::sys::stat::{FileStat, Mode};
@@ -56,7 +57,11 @@ impl IdentityRule {
 #[derive(Debug)]
 pub struct Nas {
     root: PathBuf,
-    root_fd: OwnedFd,
+    /// The root directory, opened once; replaced only by [`Nas::probe`] when the path resolves
+    /// to the same directory again after an outage.
+    root_fd: parking_lot::RwLock<Arc<OwnedFd>>,
+    /// (device, inode) of the root when it was opened: what "still the NAS" means.
+    root_id: (u64, u64),
 }
 
 impl Nas {
@@ -68,10 +73,56 @@ impl Nas {
             Mode::empty(),
         )
         .map_err(io::Error::from)?;
+        let st = nix::sys::stat::fstat(&root_fd).map_err(io::Error::from)?;
         Ok(Self {
-            root: root.to_path_buf(),
-            root_fd,
+            root: std::path::absolute(root)?,
+            root_fd: parking_lot::RwLock::new(Arc::new(root_fd)),
+            root_id: (st.st_dev, st.st_ino),
         })
+    }
+
+    fn fd(&self) -> Arc<OwnedFd> {
+        self.root_fd.read().clone()
+    }
+
+    /// Checks that the NAS answers and that its root path still names the directory that was
+    /// mounted (an NFS mount point that fell back to an empty local directory, or a directory
+    /// renamed away, does not). When the path names it again after an outage, the root is
+    /// reopened. Blocking: call it where a hung NAS cannot stall anything else.
+    pub fn probe(&self) -> Result<(), String> {
+        let st = nix::sys::stat::stat(&self.root)
+            .map_err(|e| format!("{}: {e}", self.root.display()))?;
+        if (st.st_dev, st.st_ino) != self.root_id {
+            return Err(format!(
+                "{} is no longer the NAS directory that was mounted (another file system or directory is there)",
+                self.root.display()
+            ));
+        }
+        let fd = self.fd();
+        let healthy = nix::sys::stat::fstat(&*fd)
+            .ok()
+            .filter(|s| (s.st_dev, s.st_ino) == self.root_id)
+            .and_then(|_| nix::sys::statvfs::fstatvfs(&*fd).ok())
+            .is_some();
+        if healthy {
+            return Ok(());
+        }
+        let fresh: OwnedFd = nix::fcntl::open(
+            &self.root,
+            OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(|e| format!("reopening {}: {e}", self.root.display()))?;
+        let st = nix::sys::stat::fstat(&fresh).map_err(|e| e.to_string())?;
+        if (st.st_dev, st.st_ino) != self.root_id {
+            return Err(format!(
+                "{} changed while reopening it",
+                self.root.display()
+            ));
+        }
+        nix::sys::statvfs::fstatvfs(&fresh).map_err(|e| format!("{}: {e}", self.root.display()))?;
+        *self.root_fd.write() = Arc::new(fresh);
+        Ok(())
     }
 
     /// The NAS root as given.
@@ -82,7 +133,7 @@ impl Nas {
     /// `lstat` of a path relative to the root (`""` is the root itself).
     pub fn stat(&self, rel: &Path) -> io::Result<FileStat> {
         nix::sys::stat::fstatat(
-            &self.root_fd,
+            &*self.fd(),
             dot_if_empty(rel),
             nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
         )
@@ -97,7 +148,7 @@ impl Nas {
 
     /// Reads a symlink's target.
     pub fn readlink(&self, rel: &Path) -> io::Result<OsString> {
-        nix::fcntl::readlinkat(&self.root_fd, dot_if_empty(rel)).map_err(io::Error::from)
+        nix::fcntl::readlinkat(&*self.fd(), dot_if_empty(rel)).map_err(io::Error::from)
     }
 
     /// Lists a directory: `(name, file type from d_type or lstat, d_ino)`, without `.` and `..`.
@@ -125,14 +176,14 @@ impl Nas {
 
     /// `statvfs` of the NAS root.
     pub fn statvfs(&self) -> io::Result<nix::sys::statvfs::Statvfs> {
-        nix::sys::statvfs::fstatvfs(&self.root_fd).map_err(io::Error::from)
+        nix::sys::statvfs::fstatvfs(&*self.fd()).map_err(io::Error::from)
     }
 
     fn open_beneath(&self, rel: &Path, flags: OFlag) -> io::Result<OwnedFd> {
         let how = OpenHow::new()
             .flags(flags | OFlag::O_CLOEXEC)
             .resolve(ResolveFlag::RESOLVE_BENEATH | ResolveFlag::RESOLVE_NO_SYMLINKS);
-        nix::fcntl::openat2(&self.root_fd, dot_if_empty(rel), how).map_err(io::Error::from)
+        nix::fcntl::openat2(&*self.fd(), dot_if_empty(rel), how).map_err(io::Error::from)
     }
 }
 
@@ -246,7 +297,8 @@ impl Nas {
     /// Runs `f` on (directory fd, name) of `rel`; the root itself is (root, ".").
     fn at<T>(&self, rel: &Path, f: impl FnOnce(i32, &std::ffi::CStr) -> T) -> io::Result<T> {
         if rel.as_os_str().is_empty() {
-            return Ok(f(self.root_fd.as_raw_fd(), c"."));
+            let root = self.fd();
+            return Ok(f(root.as_raw_fd(), c"."));
         }
         let (dir, name) = self.parent(rel)?;
         let name = cstr(name)?;
@@ -363,12 +415,6 @@ fn check(ret: libc::c_int) -> io::Result<()> {
         Err(io::Error::last_os_error())
     } else {
         Ok(())
-    }
-}
-
-impl AsFd for Nas {
-    fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
-        self.root_fd.as_fd()
     }
 }
 

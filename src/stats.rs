@@ -77,6 +77,8 @@ counters! {
     session_bytes_downloaded,
     /// Read requests that failed with an error.
     read_errors,
+    /// Opens of complete copies served while the NAS was offline (last-known-good).
+    opens_offline,
     /// Opens for writing (written through to the NAS).
     opens_write,
     /// Bytes written to the NAS by user-space writer handles (passthrough writes never reach

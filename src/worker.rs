@@ -237,6 +237,7 @@ pub struct Worker {
     bandwidth: Mutex<Bandwidth>,
     stopped: AtomicBool,
     rt: tokio::runtime::Handle,
+    health: std::sync::OnceLock<Arc<crate::health::Health>>,
 }
 
 impl std::fmt::Debug for Worker {
@@ -269,10 +270,20 @@ impl Worker {
             }),
             stopped: AtomicBool::new(false),
             rt: rt.clone(),
+            health: std::sync::OnceLock::new(),
         });
         let w = worker.clone();
         rt.spawn(async move { w.dispatch().await });
         worker
+    }
+
+    /// Starts no copy while `health` says the NAS is offline.
+    pub fn watch_health(&self, health: Arc<crate::health::Health>) {
+        let _ = self.health.set(health);
+    }
+
+    fn nas_offline(&self) -> bool {
+        self.health.get().is_some_and(|h| h.offline())
     }
 
     /// Readers register here while they wait on the NAS.
@@ -513,7 +524,11 @@ impl Worker {
                 }
                 let max = self.live.settings().max_concurrency;
                 let now = Instant::now();
-                while st.running.len() < max {
+                if self.nas_offline() && !st.queue.is_empty() {
+                    // Copies wait for the NAS to come back; look again in a second.
+                    next_due = Some(now + Duration::from_secs(1));
+                }
+                while st.running.len() < max && !self.nas_offline() {
                     let Some(pos) = st.queue.iter().position(|j| j.not_before <= now) else {
                         next_due = st.queue.iter().map(|j| j.not_before).min();
                         break;

@@ -212,8 +212,11 @@ pub struct Status {
     pub cache_dir: PathBuf,
     /// Whether complete copies are served with kernel passthrough.
     pub passthrough_available: bool,
-    /// Whether the NAS did not answer a `statfs` within 2 s.
+    /// Whether the NAS is offline (complete copies are served as last-known-good, the rest
+    /// fails with EIO).
     pub offline: bool,
+    /// Why, and since when.
+    pub nas_health: crate::health::HealthReport,
     /// Entries in the cache index.
     pub cache_entries: usize,
     /// Entries whose copy is complete.
@@ -232,16 +235,8 @@ pub struct Status {
     pub stats: StatsSnapshot,
 }
 
-/// Whether the NAS answers a `statfs` within `limit`. A hung NAS leaves one blocking thread
-/// waiting; the answer does not wait for it.
-pub(super) async fn nas_online(s: &Shared, limit: Duration) -> bool {
-    let nas = s.nas.clone();
-    let probe = tokio::task::spawn_blocking(move || nas.statvfs().is_ok());
-    matches!(tokio::time::timeout(limit, probe).await, Ok(Ok(true)))
-}
-
 pub(super) async fn status(State(s): State<Shared>) -> Result<Json<Status>, ApiError> {
-    let offline = !nas_online(&s, Duration::from_secs(2)).await;
+    let health = s.health.report();
     let sh = s.clone();
     let (usage, entries, complete, used, autopatch) = blocking(move || {
         (
@@ -271,7 +266,8 @@ pub(super) async fn status(State(s): State<Shared>) -> Result<Json<Status>, ApiE
         nas_dir: s.nas_dir.clone(),
         cache_dir: s.cache_dir.clone(),
         passthrough_available: s.passthrough.load(Ordering::Relaxed),
-        offline,
+        offline: health.offline,
+        nas_health: health,
         cache_entries: entries,
         cache_complete_entries: complete,
         cache_used_bytes: used,

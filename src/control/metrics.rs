@@ -108,6 +108,25 @@ pub fn render(s: &Shared, nas_up: bool) -> String {
         t.sample("arenafs_opens_total", &[("source", source)], v);
     }
 
+    t.one(
+        "arenafs_opens_offline_total",
+        "counter",
+        "Opens of complete copies served while the NAS was offline (last-known-good).",
+        st.opens_offline,
+    );
+    t.one(
+        "arenafs_opens_write_total",
+        "counter",
+        "Opens for writing (written through to the NAS).",
+        st.opens_write,
+    );
+    t.one(
+        "arenafs_written_bytes_total",
+        "counter",
+        "Bytes written to the NAS by user-space writer handles (passthrough writes never reach the daemon).",
+        st.bytes_written,
+    );
+
     t.head(
         "arenafs_cache_hits_total",
         "counter",
@@ -259,7 +278,7 @@ pub fn render(s: &Shared, nas_up: bool) -> String {
     t.one(
         "arenafs_nas_up",
         "gauge",
-        "1 when the NAS answered a statfs within 2 s.",
+        "1 when the NAS is there; 0 in offline mode (complete copies served as last-known-good).",
         u8::from(nas_up),
     );
     t.head(
@@ -299,7 +318,7 @@ pub fn render(s: &Shared, nas_up: bool) -> String {
 }
 
 pub(super) async fn metrics(State(s): State<Shared>) -> impl IntoResponse {
-    let nas_up = super::api::nas_online(&s, std::time::Duration::from_secs(2)).await;
+    let nas_up = !s.health.offline();
     let body = tokio::task::spawn_blocking(move || render(&s, nas_up))
         .await
         .unwrap_or_default();

@@ -62,6 +62,8 @@ pub struct Shared {
     pub reloader: Arc<Mutex<Reloader>>,
     /// The required set of `POST /arena/autopatch`.
     pub autopatch: Arc<Mutex<api::Autopatch>>,
+    /// Whether the NAS is there.
+    pub health: Arc<crate::health::Health>,
 }
 
 /// The router of the control API.

@@ -46,6 +46,9 @@ pub enum IoMode {
         nas: bool,
         /// Whether the backing file was opened for reading too.
         readable: bool,
+        /// For an SSD copy: the NAS file's identity it holds (a new open may share the
+        /// backing file only while the NAS file still has it, under whatever name).
+        identity: Option<Identity>,
     },
     /// Handles read through the daemon (page-cache I/O).
     Cached,
@@ -166,6 +169,14 @@ impl Inodes {
             .get(&ino)
             .filter(|n| !n.gone)
             .map(|n| n.rel.clone())
+    }
+
+    /// The inode known under `rel` (a linear scan: offline mode only).
+    pub fn find_path(&self, rel: &Path) -> Option<u64> {
+        self.nodes
+            .iter()
+            .find(|(_, n)| n.rel == rel && !n.gone)
+            .map(|(ino, _)| *ino)
     }
 
     /// The node of an inode.

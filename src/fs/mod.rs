@@ -15,6 +15,7 @@
 
 pub mod creds;
 pub mod inodes;
+mod offline;
 mod write;
 
 use std::collections::HashMap;
@@ -54,6 +55,8 @@ pub struct FsOptions {
     pub passthrough: bool,
     /// Make every change to the NAS as this (uid, gid) instead of the caller.
     pub write_as: Option<(u32, u32)>,
+    /// Serve complete copies while the NAS is offline.
+    pub offline_copies: bool,
 }
 
 enum HandleKind {
@@ -89,6 +92,10 @@ struct Handle {
     stale: Arc<AtomicBool>,
     /// Whether the handle counts as a writer of its inode.
     writer: bool,
+    /// The NAS file's identity when a handle reading a copy opened; checked on every read, so
+    /// a file rewritten in place on the NAS (by another machine) is read from the NAS from
+    /// then on.
+    identity: Option<crate::source::Identity>,
 }
 
 impl Handle {
@@ -118,19 +125,39 @@ pub struct ArenaFs {
     dirs: Mutex<HashMap<u64, Arc<DirHandle>>>,
     next_fh: AtomicU64,
     passthrough_ok: Arc<AtomicBool>,
+    health: Arc<crate::health::Health>,
+}
+
+/// What the filesystem works with, shared with the rest of the daemon.
+pub struct Parts {
+    /// The NAS.
+    pub nas: Arc<Nas>,
+    /// The cache.
+    pub cache: Arc<Cache>,
+    /// The copy scheduler.
+    pub worker: Arc<Worker>,
+    /// The settings in force.
+    pub live: Arc<Live>,
+    /// Counters.
+    pub stats: Arc<Stats>,
+    /// Set at `init` when the kernel offers passthrough (cleared if it stops working).
+    pub passthrough_ok: Arc<AtomicBool>,
+    /// Whether the NAS is there.
+    pub health: Arc<crate::health::Health>,
 }
 
 impl ArenaFs {
     /// Builds the filesystem over an opened NAS and cache.
-    pub fn new(
-        nas: Arc<Nas>,
-        cache: Arc<Cache>,
-        worker: Arc<Worker>,
-        live: Arc<Live>,
-        stats: Arc<Stats>,
-        opts: FsOptions,
-        passthrough_ok: Arc<AtomicBool>,
-    ) -> std::io::Result<Self> {
+    pub fn new(parts: Parts, opts: FsOptions) -> std::io::Result<Self> {
+        let Parts {
+            nas,
+            cache,
+            worker,
+            live,
+            stats,
+            passthrough_ok,
+            health,
+        } = parts;
         let root = nas.stat(Path::new(""))?;
         Ok(Self {
             nas,
@@ -146,6 +173,7 @@ impl ArenaFs {
             dirs: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
             passthrough_ok,
+            health,
         })
     }
 
@@ -179,7 +207,7 @@ impl ArenaFs {
 
     /// Decides how to open a regular file for reading and replies.
     fn open_file(&self, ino: u64, rel: &Path, reply: ReplyOpen) -> Result<(), Errno> {
-        let nas = self.nas.open_file(rel)?;
+        let nas = self.nas.open_file(rel).inspect_err(|e| self.saw(e))?;
         let st = nix::sys::stat::fstat(&nas).map_err(|e| Errno::from_i32(e as i32))?;
         let identity = self.cache.rule().identity(&st);
         // While the file is open for writing through the mount, readers read the NAS.
@@ -237,6 +265,7 @@ impl ArenaFs {
                 backing,
                 nas: on_nas,
                 readable,
+                identity: held,
             },
             true,
         ) = (&node.mode, node.open > 0)
@@ -244,8 +273,9 @@ impl ArenaFs {
             let usable = match on_nas {
                 // The NAS file itself (a writer has it open): live bytes.
                 true => *readable,
-                // The SSD copy: only while it is still the NAS file's content.
-                false => matches!(found, Found::Complete(_)),
+                // The SSD copy: only while it is still the NAS file's content (the name may
+                // have changed; the content may not).
+                false => *held == Some(identity),
             };
             let Some(backing) = backing.upgrade().filter(|_| usable) else {
                 drop(inodes);
@@ -266,6 +296,7 @@ impl ArenaFs {
                 nas: Some(nas),
                 stale,
                 writer: false,
+                identity: None,
             };
             self.reply_passthrough(fh, handle, &backing, reply);
             return Ok(());
@@ -285,6 +316,7 @@ impl ArenaFs {
                         backing: Arc::downgrade(&backing),
                         nas: false,
                         readable: true,
+                        identity: Some(identity),
                     };
                     node.open += 1;
                     drop(inodes);
@@ -295,6 +327,7 @@ impl ArenaFs {
                         nas: Some(nas),
                         stale,
                         writer: false,
+                        identity: None,
                     };
                     self.reply_passthrough(fh, handle, &backing, reply);
                     return Ok(());
@@ -342,6 +375,7 @@ impl ArenaFs {
                 nas: nas_extra,
                 stale,
                 writer: false,
+                identity: Some(identity),
             },
         );
         reply.opened(FileHandle(fh), flags);
@@ -363,9 +397,15 @@ impl ArenaFs {
         if let Some(l) = listing.as_ref() {
             return Ok((dir.rel.clone(), l.clone()));
         }
+        if self.offline() {
+            let entries = Arc::new(self.offline_listing(&dir.rel)?);
+            *listing = Some(entries.clone());
+            return Ok((dir.rel.clone(), entries));
+        }
         let entries: DirListing = self
             .nas
-            .read_dir(&dir.rel)?
+            .read_dir(&dir.rel)
+            .inspect_err(|e| self.saw(e))?
             .into_iter()
             .map(|(name, kind, d_ino)| {
                 let ino = ino_for(self.root_dev, self.root_ino, self.root_dev, d_ino);
@@ -385,6 +425,15 @@ impl ArenaFs {
     }
 
     fn read_handle(&self, h: &Handle, offset: u64, size: u32) -> Result<Vec<u8>, Errno> {
+        // Changed on the NAS (rewritten in place, truncated) since this handle opened?
+        if matches!(h.kind, HandleKind::Ssd(_) | HandleKind::Fill { .. })
+            && !h.stale.load(Ordering::Acquire)
+            && let (Some(id), Some(nas)) = (h.identity, h.nas_file())
+            && let Ok(st) = nix::sys::stat::fstat(nas)
+            && self.cache.rule().identity(&st) != id
+        {
+            self.copy_went_stale(h);
+        }
         // The file was written through the mount since this handle opened: its copy is not
         // the NAS file's content any more.
         if h.stale.load(Ordering::Acquire)
@@ -451,6 +500,23 @@ impl ArenaFs {
 }
 
 impl ArenaFs {
+    /// The NAS file behind `h` changed: every handle reading its copy reads the NAS from now on,
+    /// and the copy goes. Later opens start afresh.
+    fn copy_went_stale(&self, h: &Handle) {
+        h.stale.store(true, Ordering::Release);
+        if let Some(node) = self.inodes.lock().get_mut(h.ino)
+            && Arc::ptr_eq(&node.stale, &h.stale)
+            && node.writers == 0
+        {
+            node.stale = Default::default();
+        }
+        Stats::add(&self.stats.stale_dropped, 1);
+        if let Some(rel) = &h.cache_ref {
+            tracing::info!(path = %rel.display(), "NAS file changed under an open handle; reading the NAS, dropping the copy");
+            self.forget_copies(rel);
+        }
+    }
+
     /// Counts bytes read through a filling copy; once they pass the threshold the file is being
     /// loaded for real and the worker completes it (`workflow_only` discovery). A scanner that
     /// reads a header of each of many files stays below it and triggers no copy.
@@ -547,7 +613,13 @@ impl Filesystem for ArenaFs {
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         let rel = try_reply!(reply, self.path(parent).and_then(|p| child(&p, name)));
-        match self.nas.stat(&rel) {
+        if self.offline() {
+            let attr = try_reply!(reply, self.offline_attr(&rel));
+            self.inodes.lock().remember(attr.ino.0, &rel);
+            reply.entry(&self.opts.attr_ttl, &attr, Generation(0));
+            return;
+        }
+        match self.nas.stat(&rel).inspect_err(|e| self.saw(e)) {
             Ok(st) => {
                 let attr = self.attr(&st);
                 self.inodes.lock().remember(attr.ino.0, &rel);
@@ -587,7 +659,13 @@ impl Filesystem for ArenaFs {
             Some(st) => st,
             None => {
                 let rel = try_reply!(reply, self.path(ino));
-                try_reply!(reply, self.nas.stat(&rel))
+                if self.offline() {
+                    let mut attr = try_reply!(reply, self.offline_attr(&rel));
+                    attr.ino = ino;
+                    reply.attr(&self.opts.attr_ttl, &attr);
+                    return;
+                }
+                try_reply!(reply, self.nas.stat(&rel).inspect_err(|e| self.saw(e)))
             }
         };
         let mut attr = self.attr(&st);
@@ -597,12 +675,24 @@ impl Filesystem for ArenaFs {
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
         let rel = try_reply!(reply, self.path(ino));
+        if self.offline() {
+            reply.error(Errno::EIO);
+            return;
+        }
         let target = try_reply!(reply, self.nas.readlink(&rel));
         reply.data(target.as_encoded_bytes());
     }
 
     fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         let rel = try_reply!(reply, self.path(ino));
+        if self.offline() {
+            if flags.acc_mode() == OpenAccMode::O_RDONLY && flags.0 & libc::O_TRUNC == 0 {
+                self.open_offline(ino.0, &rel, reply);
+            } else {
+                reply.error(Errno::EIO);
+            }
+            return;
+        }
         if flags.acc_mode() != OpenAccMode::O_RDONLY || flags.0 & libc::O_TRUNC != 0 {
             let caller = self.caller(req);
             let opened =
@@ -641,7 +731,16 @@ impl Filesystem for ArenaFs {
             return;
         };
         let started = std::time::Instant::now();
-        let result = self.read_handle(&h, offset, size);
+        let touches_nas = match &h.kind {
+            HandleKind::Nas(_) | HandleKind::Write(_) | HandleKind::Fill { .. } => true,
+            HandleKind::Ssd(_) => h.stale.load(Ordering::Relaxed),
+            HandleKind::Passthrough(_) => false,
+        };
+        let result = if touches_nas && self.offline() {
+            Err(Errno::EIO)
+        } else {
+            self.read_handle(&h, offset, size)
+        };
         let latency = &self.stats.read_latency;
         match &h.kind {
             HandleKind::Ssd(_) => latency.ssd.observe(started.elapsed()),
@@ -715,7 +814,24 @@ impl Filesystem for ArenaFs {
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
         let rel = try_reply!(reply, self.path(ino));
-        let st = try_reply!(reply, self.nas.stat(&rel));
+        if self.offline() {
+            let attr = try_reply!(reply, self.offline_attr(&rel));
+            if attr.kind != FileType::Directory {
+                reply.error(Errno::ENOTDIR);
+                return;
+            }
+            let fh = self.new_fh();
+            self.dirs.lock().insert(
+                fh,
+                Arc::new(DirHandle {
+                    rel,
+                    listing: Mutex::new(None),
+                }),
+            );
+            reply.opened(FileHandle(fh), FopenFlags::empty());
+            return;
+        }
+        let st = try_reply!(reply, self.nas.stat(&rel).inspect_err(|e| self.saw(e)));
         if st.st_mode & libc::S_IFMT != libc::S_IFDIR {
             reply.error(Errno::ENOTDIR);
             return;
@@ -778,9 +894,14 @@ impl Filesystem for ArenaFs {
     ) {
         let (dir, entries) = try_reply!(reply, self.listing(fh));
         let ttl = self.opts.attr_ttl;
+        let offline = self.offline();
         if offset < 2 {
             // "." and "..": the kernel takes no lookup reference for them.
-            let mut attr = self.attr(&try_reply!(reply, self.nas.stat(&dir)));
+            let mut attr = if offline {
+                try_reply!(reply, self.offline_attr(&dir))
+            } else {
+                self.attr(&try_reply!(reply, self.nas.stat(&dir)))
+            };
             attr.ino = ino;
             for (i, name) in [".", ".."].into_iter().enumerate().skip(offset as usize) {
                 if reply.add(attr.ino, i as u64 + 1, name, &ttl, &attr, Generation(0)) {
@@ -795,10 +916,17 @@ impl Filesystem for ArenaFs {
             .skip(offset.saturating_sub(2) as usize)
         {
             let rel = dir.join(name);
-            let Ok(st) = self.nas.stat(&rel) else {
-                continue; // vanished since opendir
+            let attr = if offline {
+                match self.offline_attr(&rel) {
+                    Ok(a) => a,
+                    Err(_) => continue,
+                }
+            } else {
+                let Ok(st) = self.nas.stat(&rel) else {
+                    continue; // vanished since opendir
+                };
+                self.attr(&st)
             };
-            let attr = self.attr(&st);
             // Every entry sent with attributes counts as a lookup.
             self.inodes.lock().remember(attr.ino.0, &rel);
             if reply.add(attr.ino, i as u64 + 3, name, &ttl, &attr, Generation(0)) {
@@ -822,6 +950,10 @@ impl Filesystem for ArenaFs {
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        if self.offline() {
+            reply.error(Errno::EIO);
+            return;
+        }
         let s = try_reply!(reply, self.nas.statvfs());
         reply.statfs(
             s.blocks(),

@@ -93,6 +93,10 @@ impl ArenaFs {
         caller: &Caller,
         f: impl FnOnce() -> io::Result<T>,
     ) -> Result<T, Errno> {
+        // No change is attempted on a NAS that is gone (it could hang the caller).
+        if self.offline() {
+            return Err(Errno::EIO);
+        }
         let _identity = creds::switch(caller).map_err(|e| {
             tracing::error!(error = %e, uid = caller.uid, "cannot act as the caller");
             Errno::EPERM
@@ -189,6 +193,7 @@ impl ArenaFs {
             nas,
             stale: stale.clone(),
             writer: true,
+            identity: None,
         };
         let opened = match (&node.mode, node.open > 0) {
             // Other handles already use the NAS file through passthrough: share it.
@@ -197,6 +202,7 @@ impl ArenaFs {
                     backing: b,
                     nas: true,
                     readable,
+                    ..
                 },
                 true,
             ) if (acc == libc::O_WRONLY || *readable) && b.upgrade().is_some() => {
@@ -254,6 +260,7 @@ impl ArenaFs {
                             backing: Arc::downgrade(&b),
                             nas: true,
                             readable,
+                            identity: None,
                         };
                         node.open += 1;
                         drop(inodes);

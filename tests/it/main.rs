@@ -9,6 +9,7 @@ mod crash;
 mod data;
 mod discovery;
 mod lifecycle;
+mod offline;
 mod policy;
 mod util;
 mod write;
