@@ -61,6 +61,28 @@ pub fn run(
     tracing::info!(state = ?loaded.settings.state(), env_file = ?loaded.env_file, "settings loaded");
     let store = Store::open(&cache_dir)?;
     tracing::info!(entries = store.len(), dir = %store.dir().display(), "cache index loaded");
+    if let Some(old) = &cfg.adopt {
+        match crate::cache::adopt::adopt(
+            &store,
+            &nas,
+            IdentityRule::SizeMtimeIno,
+            CHUNK_SIZE,
+            old,
+            Default::default(),
+        ) {
+            Ok(r) => tracing::info!(
+                from = %old.display(),
+                adopted = r.adopted,
+                bytes = r.adopted_bytes,
+                linked = r.linked,
+                looked_at = r.items.len(),
+                "adopted the Arena AutoCache node's copies"
+            ),
+            Err(e) => {
+                tracing::warn!(from = %old.display(), error = %e, "adoption failed; continuing without it")
+            }
+        }
+    }
 
     // Signals are taken by a dedicated thread; block them before any thread is spawned.
     let mut signals = SigSet::empty();

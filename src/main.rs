@@ -39,6 +39,10 @@ enum Command {
     Trim(TrimArgs),
     /// Re-read the env file now (it is also re-read when it changes).
     Reload(Target),
+    /// Take over the copies of the Python Arena AutoCache node (`<root>/<category>/<file>`)
+    /// that match the NAS, without copying them again. Run it while the cache is not mounted
+    /// (or mount with -o adopt=DIR).
+    Adopt(AdoptArgs),
     /// Unmount an arenafs mount (the daemon then exits).
     Unmount {
         /// The mount point.
@@ -221,6 +225,30 @@ struct TrimArgs {
     json: bool,
 }
 
+#[derive(clap::Args, Debug)]
+struct AdoptArgs {
+    /// The node's cache root (its ARENA_CACHE_ROOT).
+    old_root: PathBuf,
+    /// The NAS directory [default: ARENA_NAS_ROOT].
+    #[arg(long)]
+    nas: Option<PathBuf>,
+    /// arenafs's cache directory [default: ARENA_CACHE_ROOT from the env file or environment].
+    #[arg(long)]
+    cache_dir: Option<PathBuf>,
+    /// The env file with the settings.
+    #[arg(long)]
+    env: Option<PathBuf>,
+    /// Compare contents (SHA-256, reads both files) instead of trusting size and mtime.
+    #[arg(long)]
+    verify: bool,
+    /// Only say what would be adopted.
+    #[arg(long)]
+    dry_run: bool,
+    /// Print the report as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
 /// A mistake in the command line: exit code 2.
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
@@ -230,8 +258,8 @@ struct UsageError(String);
 /// subcommand as `mount`.
 fn normalise_args(mut args: Vec<String>) -> Vec<String> {
     const COMMANDS: &[&str] = &[
-        "mount", "status", "stats", "prefetch", "resolve", "trim", "reload", "unmount", "config",
-        "help",
+        "mount", "status", "stats", "prefetch", "resolve", "trim", "reload", "adopt", "unmount",
+        "config", "help",
     ];
     if let Some(first) = args.get(1)
         && !first.starts_with('-')
@@ -305,6 +333,7 @@ fn run(cli: Cli, args: &[String]) -> Result<()> {
             Ok(())
         }
         Command::Trim(a) => trim(a),
+        Command::Adopt(a) => adopt(a),
         Command::Reload(t) => {
             let answer = call(&t.socket()?, "POST", "/arena/reload", None)?;
             let changed = answer["changed"].as_array().cloned().unwrap_or_default();
@@ -760,6 +789,65 @@ fn prefetch(a: PrefetchArgs) -> Result<()> {
             incomplete.join(", ")
         );
     }
+    Ok(())
+}
+
+fn adopt(a: AdoptArgs) -> Result<()> {
+    let mut settings = Vec::new();
+    if let Some(c) = &a.cache_dir {
+        settings.push(("cache_root".to_string(), c.display().to_string()));
+    }
+    let loaded = config::load(&config::Inputs::from_process(a.env.clone(), settings))?;
+    let nas_dir = a
+        .nas
+        .clone()
+        .or(loaded.settings.nas_root.clone())
+        .ok_or_else(|| UsageError("give --nas DIR (or set ARENA_NAS_ROOT)".into()))?;
+    let cache_dir = loaded
+        .settings
+        .cache_dir
+        .clone()
+        .ok_or_else(|| UsageError("give --cache-dir DIR (or set ARENA_CACHE_ROOT)".into()))?;
+    let nas = arenafs::source::Nas::open(&nas_dir)
+        .with_context(|| format!("NAS directory {}", nas_dir.display()))?;
+    let store = arenafs::cache::Store::open(&cache_dir).with_context(|| {
+        format!(
+            "cache {} (if a daemon is using it, unmount first or mount with -o adopt={})",
+            cache_dir.display(),
+            a.old_root.display()
+        )
+    })?;
+    let report = arenafs::cache::adopt::adopt(
+        &store,
+        &nas,
+        arenafs::source::IdentityRule::SizeMtimeIno,
+        arenafs::daemon::CHUNK_SIZE,
+        &a.old_root,
+        arenafs::cache::adopt::AdoptOptions {
+            verify: a.verify,
+            dry_run: a.dry_run,
+        },
+    )
+    .with_context(|| format!("adopting from {}", a.old_root.display()))?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+        return Ok(());
+    }
+    for i in &report.items {
+        let to = i
+            .nas_path
+            .as_ref()
+            .map(|p| format!(" -> {}", p.display()))
+            .unwrap_or_default();
+        println!("{:15} {}{to}", i.outcome, i.old.display());
+    }
+    println!(
+        "{} {} copies ({}), {} hard-linked; the old files are left in place",
+        if a.dry_run { "would adopt" } else { "adopted" },
+        report.adopted,
+        arenafs::ctl::human_bytes(report.adopted_bytes),
+        report.linked
+    );
     Ok(())
 }
 

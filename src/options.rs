@@ -38,6 +38,8 @@ pub struct MountOptions {
     pub write_as: Option<(u32, u32)>,
     /// Serve complete copies while the NAS is offline (default on).
     pub offline_copies: bool,
+    /// Adopt the Python node's copies from this directory at mount.
+    pub adopt: Option<PathBuf>,
     /// FUSE request threads.
     pub threads: usize,
     /// Log file of a background daemon.
@@ -63,6 +65,7 @@ impl Default for MountOptions {
             token_file: None,
             write_as: None,
             offline_copies: true,
+            adopt: None,
             threads: 8,
             log_file: None,
             env_file: None,
@@ -96,6 +99,7 @@ impl MountOptions {
                 })?)
             }
             "token_file" => self.token_file = Some(PathBuf::from(need(())?)),
+            "adopt" => self.adopt = Some(PathBuf::from(need(())?)),
             "write_as" => {
                 let v = need(())?;
                 let ids = v

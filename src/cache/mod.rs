@@ -1,6 +1,7 @@
 //! The SSD cache: on-disk layout and index ([`store`]), chunk maps ([`chunks`]) and the live,
 //! partially filled copies that readers and the background worker share ([`file`]).
 
+pub mod adopt;
 pub mod chunks;
 pub mod file;
 pub mod store;

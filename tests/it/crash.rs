@@ -114,3 +114,62 @@ fn kill_9_mid_fill_then_remount_serves_only_correct_bytes() {
     }
     assert!(m.stats().opens_passthrough >= names.len() as u64);
 }
+
+#[test]
+fn kill_9_during_writes_damages_nothing_that_was_written() {
+    require_mount!();
+    let d = crate::util::Dirs::new();
+    let cached = d.nas_file("loras/cached.safetensors", 3 * CHUNK as usize, 5);
+    let m = d.mount(&["min_size_mb=0"]);
+    assert_eq!(
+        fs::read(m.path("loras/cached.safetensors")).unwrap(),
+        cached
+    );
+    m.wait_copies(1);
+    let mut m = m;
+
+    // A writer appends 1 MiB blocks, each made durable with fsync, until the daemon dies.
+    let block = |i: usize| random_bytes(1 << 20, 1000 + i as u64);
+    let path = m.path("loras/incoming.safetensors");
+    let writer = std::thread::spawn(move || {
+        use std::io::Write;
+        let mut f = fs::File::create(&path).unwrap();
+        let mut synced = 0usize;
+        for i in 0..10_000 {
+            if f.write_all(&block(i)).is_err() || f.sync_data().is_err() {
+                break;
+            }
+            synced = i + 1;
+        }
+        synced
+    });
+    wait_for("some blocks written", Duration::from_secs(30), || {
+        fs::metadata(d.nas.join("loras/incoming.safetensors")).is_ok_and(|md| md.len() >= 8 << 20)
+    });
+    m.kill9();
+    let synced = writer.join().unwrap();
+    assert!(synced >= 8, "the writer was mid-stream ({synced} blocks)");
+
+    // On the NAS: every synced block intact, and nothing but the writer's bytes after them.
+    let on_nas = fs::read(d.nas.join("loras/incoming.safetensors")).unwrap();
+    assert!(on_nas.len() >= synced << 20);
+    for (i, got) in on_nas.chunks(1 << 20).enumerate() {
+        assert_eq!(got, &block(i)[..got.len()], "block {i} on the NAS");
+    }
+
+    // A new daemon clears the stale mount and serves both files correctly.
+    let m = d.mount(&["min_size_mb=0"]);
+    assert_eq!(
+        fs::read(m.path("loras/cached.safetensors")).unwrap(),
+        cached
+    );
+    assert_eq!(
+        fs::read(m.path("loras/incoming.safetensors")).unwrap(),
+        on_nas
+    );
+    assert!(
+        m.log().contains("cleared a stale arenafs mount"),
+        "{}",
+        m.log()
+    );
+}

@@ -1,6 +1,7 @@
 //! Mount-level tests: each mounts arenafs for real over a temporary NAS directory and reads
 //! through the kernel with ordinary system calls and tools.
 
+mod adopt;
 mod cli;
 mod client;
 mod conformance;
