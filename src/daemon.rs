@@ -133,6 +133,7 @@ pub fn run(
             passthrough: cfg.passthrough,
             write_as: cfg.write_as,
             offline_copies: cfg.offline_copies,
+            nas_timeout: cfg.nas_timeout,
         },
     )?;
 
@@ -222,7 +223,8 @@ pub fn run(
         listen = ?cfg.listen,
         "mounted"
     );
-    report_ready();
+    let serving = format!("serving {} at {}", nas_dir.display(), mountpoint.display());
+    report_ready(&serving);
 
     {
         let cache = cache.clone();
@@ -236,12 +238,16 @@ pub fn run(
                 Err(e) => tracing::warn!(error = %e, "could not scan the cache for leftovers"),
             })?;
     }
-    spawn_signal_thread(signals, mountpoint.clone())?;
+    spawn_signal_thread(signals, mountpoint.clone(), reloader.clone(), serving)?;
     crate::reload::start_work(&live, &nas, &worker);
     let housekeeping = spawn_housekeeping(cache.clone(), stats.clone(), reloader.clone());
 
     let result = session.run();
     tracing::info!("unmounted; finishing");
+    notify_manager(&[
+        sd_notify::NotifyState::Stopping,
+        sd_notify::NotifyState::Status("unmounted; finishing"),
+    ]);
     worker.stop();
     health.stop();
     housekeeping.stop();
@@ -316,11 +322,30 @@ fn spawn_housekeeping(
     Housekeeping { stop: tx, thread }
 }
 
-fn spawn_signal_thread(signals: SigSet, mountpoint: PathBuf) -> Result<()> {
+/// Takes the blocked signals: SIGHUP re-reads the env file (`systemctl reload`), SIGINT and
+/// SIGTERM unmount (the FUSE session then ends and the daemon finishes cleanly).
+fn spawn_signal_thread(
+    signals: SigSet,
+    mountpoint: PathBuf,
+    reloader: Arc<parking_lot::Mutex<Reloader>>,
+    serving: String,
+) -> Result<()> {
+    use sd_notify::NotifyState;
     std::thread::Builder::new()
         .name("arenafs-signals".into())
         .spawn(move || {
             while let Ok(sig) = signals.wait() {
+                if sig == Signal::SIGHUP {
+                    reload_on_sighup(&reloader, &serving);
+                    continue;
+                }
+                notify_manager(&[NotifyState::Stopping, NotifyState::Status("unmounting")]);
+                if mount::mount_at(&mountpoint).is_none_or(|m| m.fstype != mount::FSTYPE) {
+                    // Already unmounted (`umount`, ExecStop) or detached lazily while files are
+                    // open: the session ends by itself.
+                    tracing::info!(signal = ?sig, "not mounted any more; finishing");
+                    continue;
+                }
                 tracing::info!(signal = ?sig, "unmounting");
                 if let Err(e) = mount::unmount(&mountpoint) {
                     tracing::error!(error = %e, "unmount failed");
@@ -330,13 +355,55 @@ fn spawn_signal_thread(signals: SigSet, mountpoint: PathBuf) -> Result<()> {
     Ok(())
 }
 
-fn report_ready() {
+/// SIGHUP (`systemctl reload`): re-reads the env file, telling the service manager. The result
+/// is logged by the reloader (the changed keys) or here (why the file could not be read; the
+/// settings in force stay).
+fn reload_on_sighup(reloader: &parking_lot::Mutex<Reloader>, serving: &str) {
+    use sd_notify::NotifyState;
+    // RELOADING=1 with the monotonic time is what `Type=notify-reload` (systemd 253+) expects;
+    // older managers show the unit as reloading until READY=1.
+    let mut states = vec![NotifyState::Reloading];
+    states.extend(NotifyState::monotonic_usec_now().ok());
+    notify_manager(&states);
+    tracing::info!("SIGHUP: re-reading the env file");
+    let status = match reloader.lock().reload() {
+        Ok(changed) if changed.is_empty() => format!("{serving}; reloaded, nothing changed"),
+        Ok(changed) => format!("{serving}; reloaded, {} setting(s) changed", changed.len()),
+        Err(e) => {
+            tracing::warn!(error = %e, "reload on SIGHUP failed; the settings in force stay");
+            format!("{serving}; reload failed: {e}")
+        }
+    };
+    notify_manager(&[NotifyState::Ready, NotifyState::Status(&status)]);
+}
+
+/// Tells the service manager (systemd `Type=notify`, through `$NOTIFY_SOCKET`) about a state
+/// change; a no-op when no manager listens.
+fn notify_manager(states: &[sd_notify::NotifyState]) {
+    if let Err(e) = sd_notify::notify(states) {
+        tracing::warn!(error = %e, "cannot notify the service manager ($NOTIFY_SOCKET)");
+    }
+}
+
+/// The mount is usable: tell the waiting parent of a background daemon and the service manager.
+fn report_ready(status: &str) {
     report_to_parent("ready\n");
+    notify_manager(&[
+        sd_notify::NotifyState::Ready,
+        sd_notify::NotifyState::Status(status),
+    ]);
 }
 
 /// Tells the waiting parent of a background daemon why it failed (no-op in the foreground).
 pub fn report_failure(msg: &str) {
     report_to_parent(&format!("error: {msg}\n"));
+}
+
+/// Tells the service manager why a mount failed (`systemctl status` shows it); a no-op outside
+/// `Type=notify`. Only for the daemon's own process: other commands run by the unit
+/// (`ExecStop=`) are not its main process.
+pub fn notify_failure(msg: &str) {
+    notify_manager(&[sd_notify::NotifyState::Status(&format!("failed: {msg}"))]);
 }
 
 fn report_to_parent(line: &str) {

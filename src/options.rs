@@ -40,6 +40,8 @@ pub struct MountOptions {
     pub offline_copies: bool,
     /// Adopt the Python node's copies from this directory at mount.
     pub adopt: Option<PathBuf>,
+    /// How long a read may wait for the NAS before it fails with `EIO`.
+    pub nas_timeout: Duration,
     /// FUSE request threads.
     pub threads: usize,
     /// Log file of a background daemon.
@@ -66,6 +68,7 @@ impl Default for MountOptions {
             write_as: None,
             offline_copies: true,
             adopt: None,
+            nas_timeout: Duration::from_secs(30),
             threads: 8,
             log_file: None,
             env_file: None,
@@ -127,6 +130,18 @@ impl MountOptions {
                     .filter(|f| f.is_finite() && *f >= 0.0 && *f < 1e9)
                     .ok_or_else(|| format!("option {key}: '{v}' is not a non-negative number"))?;
                 self.attr_ttl = Duration::from_secs_f64(secs);
+            }
+            "nas_timeout" => {
+                let v = need(())?;
+                let secs = v
+                    .trim()
+                    .parse::<f64>()
+                    .ok()
+                    .filter(|f| f.is_finite() && *f > 0.0 && *f < 1e6)
+                    .ok_or_else(|| {
+                        format!("option {key}: '{v}' is not a positive number of seconds")
+                    })?;
+                self.nas_timeout = Duration::from_secs_f64(secs);
             }
             "threads" => {
                 let v = need(())?;

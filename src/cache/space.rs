@@ -209,6 +209,7 @@ impl Cache {
     /// Evicts least recently used copies until the cache is within its limits again (after a
     /// settings change, or when something else filled the SSD). Returns how many were evicted.
     pub fn enforce_limits(&self) -> usize {
+        self.store.retry_removals();
         let _guard = self.space.lock();
         let pins = glob_set(&self.settings.settings().pin);
         let mut evicted = 0;

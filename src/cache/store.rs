@@ -85,6 +85,15 @@ fn index_err(e: impl std::fmt::Display) -> StoreError {
     StoreError::Index(e.to_string())
 }
 
+fn closed() -> StoreError {
+    StoreError::Index("closed after an I/O error; reopening".into())
+}
+
+/// Whether redb refuses to go on with this handle (an earlier I/O error) or it is closed.
+fn needs_reopen(e: &StoreError) -> bool {
+    matches!(e, StoreError::Index(m) if m.contains("Previous I/O error") || m.starts_with("closed after"))
+}
+
 /// What the index knows about one cached NAS file.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct EntryRecord {
@@ -159,12 +168,15 @@ impl EntryRecord {
 #[derive(Debug)]
 pub struct Store {
     dir: PathBuf,
-    db: Database,
+    /// The index; `None` only while a reopen after an I/O error has not succeeded yet.
+    db: parking_lot::RwLock<Option<Database>>,
     entries: Mutex<HashMap<PathBuf, EntryRecord>>,
     next_id: AtomicU64,
     reserved_until: Mutex<u64>,
     first_id_of_run: u64,
     touched: Mutex<std::collections::HashSet<PathBuf>>,
+    /// Removals whose index write failed (a full SSD): retried by [`Store::retry_removals`].
+    pending_removals: Mutex<Vec<(PathBuf, u64)>>,
     _lock: File,
 }
 
@@ -226,14 +238,53 @@ impl Store {
         }
         Ok(Self {
             dir,
-            db,
+            db: parking_lot::RwLock::new(Some(db)),
             entries: Mutex::new(entries),
             next_id: AtomicU64::new(next_id),
             reserved_until: Mutex::new(next_id),
             first_id_of_run: next_id,
             touched: Mutex::new(Default::default()),
+            pending_removals: Mutex::new(Vec::new()),
             _lock: lock,
         })
+    }
+
+    /// Runs a write transaction. After an I/O error (a full SSD, say) redb refuses every later
+    /// write on the same handle, so the index is then reopened (it comes back as of its last
+    /// commit) and the write tried once more: the cache works again as soon as space returns,
+    /// without a remount.
+    fn write_txn<T>(
+        &self,
+        f: impl Fn(&redb::WriteTransaction) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        match self.try_write(&f) {
+            Err(e) if needs_reopen(&e) => {
+                self.reopen()?;
+                self.try_write(&f)
+            }
+            other => other,
+        }
+    }
+
+    fn try_write<T>(
+        &self,
+        f: &impl Fn(&redb::WriteTransaction) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        let guard = self.db.read();
+        let db = guard.as_ref().ok_or_else(closed)?;
+        let txn = db.begin_write().map_err(index_err)?;
+        let value = f(&txn)?;
+        txn.commit().map_err(index_err)?;
+        Ok(value)
+    }
+
+    fn reopen(&self) -> Result<(), StoreError> {
+        let mut guard = self.db.write();
+        *guard = None; // the old handle must be closed before the file can be opened again
+        let db = Database::create(self.dir.join("index.redb")).map_err(index_err)?;
+        *guard = Some(db);
+        tracing::info!("cache index reopened after an I/O error");
+        Ok(())
     }
 
     /// The versioned cache directory.
@@ -309,8 +360,7 @@ impl Store {
                 .filter_map(|p| entries.get(&p).cloned().map(|e| (p, e)))
                 .collect()
         };
-        let txn = self.db.begin_write().map_err(index_err)?;
-        {
+        self.write_txn(|txn| {
             let mut table = txn.open_table(ENTRIES).map_err(index_err)?;
             for (p, rec) in &records {
                 // Only entries still indexed with the same id: a removal in between wins.
@@ -328,14 +378,19 @@ impl Store {
                         .map_err(index_err)?;
                 }
             }
-        }
-        txn.commit().map_err(index_err)?;
+            Ok(())
+        })?;
         Ok(records.len())
     }
 
     /// A value persisted across runs (e.g. statistics totals).
     pub fn meta_get(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
-        let txn = self.db.begin_read().map_err(index_err)?;
+        let guard = self.db.read();
+        let txn = guard
+            .as_ref()
+            .ok_or_else(closed)?
+            .begin_read()
+            .map_err(index_err)?;
         let table = txn.open_table(BLOBS).map_err(index_err)?;
         Ok(table
             .get(key)
@@ -345,13 +400,11 @@ impl Store {
 
     /// Stores a value persisted across runs.
     pub fn meta_put(&self, key: &str, value: &[u8]) -> Result<(), StoreError> {
-        let txn = self.db.begin_write().map_err(index_err)?;
-        {
+        self.write_txn(|txn| {
             let mut table = txn.open_table(BLOBS).map_err(index_err)?;
             table.insert(key, value).map_err(index_err)?;
-        }
-        txn.commit().map_err(index_err)?;
-        Ok(())
+            Ok(())
+        })
     }
 
     /// Path of the data file of entry `id`.
@@ -382,14 +435,13 @@ impl Store {
     /// Records (durably) an entry for `rel`. The caller guarantees that every chunk the map claims
     /// is durable in the data file.
     pub fn put(&self, rel: &Path, rec: &EntryRecord) -> Result<(), StoreError> {
-        let txn = self.db.begin_write().map_err(index_err)?;
-        {
+        self.write_txn(|txn| {
             let mut table = txn.open_table(ENTRIES).map_err(index_err)?;
             table
                 .insert(rel.as_os_str().as_bytes(), rec.encode().as_slice())
                 .map_err(index_err)?;
-        }
-        txn.commit().map_err(index_err)?;
+            Ok(())
+        })?;
         self.entries.lock().insert(rel.to_path_buf(), rec.clone());
         Ok(())
     }
@@ -409,17 +461,43 @@ impl Store {
                 }
             }
         }
-        let txn = self.db.begin_write().map_err(index_err)?;
-        {
+        let removed = self.write_txn(|txn| {
             let mut table = txn.open_table(ENTRIES).map_err(index_err)?;
             table
                 .remove(rel.as_os_str().as_bytes())
                 .map_err(index_err)?;
+            Ok(())
+        });
+        if let Err(e) = removed {
+            // The data file stays until the index lets go of it: retried later.
+            let mut pending = self.pending_removals.lock();
+            if !pending.iter().any(|(p, i)| p == rel && *i == id) {
+                pending.push((rel.to_path_buf(), id));
+            }
+            return Err(e);
         }
-        txn.commit().map_err(index_err)?;
         self.entries.lock().remove(rel);
         remove_if_exists(&self.data_path(id))?;
         Ok(true)
+    }
+
+    /// Retries removals that failed on the index (once the SSD has room again). Returns how
+    /// many went through.
+    pub fn retry_removals(&self) -> usize {
+        let pending: Vec<(PathBuf, u64)> = std::mem::take(&mut *self.pending_removals.lock());
+        let mut done = 0;
+        for (rel, id) in pending {
+            if self.remove(&rel, id).is_ok() {
+                done += 1;
+            }
+        }
+        if done > 0 {
+            tracing::info!(
+                count = done,
+                "removed cache copies whose removal had failed earlier"
+            );
+        }
+        done
     }
 
     /// Deletes data files left by earlier runs that the index does not reference (a crash between
@@ -452,12 +530,11 @@ impl Store {
         let mut reserved = self.reserved_until.lock();
         if id >= *reserved {
             let until = id + ID_BLOCK;
-            let txn = self.db.begin_write().map_err(index_err)?;
-            {
+            self.write_txn(|txn| {
                 let mut meta = txn.open_table(META).map_err(index_err)?;
                 meta.insert(META_NEXT_ID, until).map_err(index_err)?;
-            }
-            txn.commit().map_err(index_err)?;
+                Ok(())
+            })?;
             *reserved = until;
         }
         Ok(id)

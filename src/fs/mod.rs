@@ -15,6 +15,7 @@
 
 pub mod creds;
 pub mod inodes;
+mod nasio;
 mod offline;
 mod write;
 
@@ -57,6 +58,8 @@ pub struct FsOptions {
     pub write_as: Option<(u32, u32)>,
     /// Serve complete copies while the NAS is offline.
     pub offline_copies: bool,
+    /// How long a read may wait for the NAS before it fails with `EIO`.
+    pub nas_timeout: Duration,
 }
 
 enum HandleKind {
@@ -110,8 +113,19 @@ impl Handle {
     }
 }
 
-/// The arenafs filesystem.
-pub struct ArenaFs {
+/// The arenafs filesystem: what the kernel talks to. A cheap handle on [`Inner`], so that work
+/// can leave the request thread (NAS reads with a deadline).
+pub struct ArenaFs(Arc<Inner>);
+
+impl std::ops::Deref for ArenaFs {
+    type Target = Inner;
+    fn deref(&self) -> &Inner {
+        &self.0
+    }
+}
+
+/// The state of the filesystem.
+pub struct Inner {
     nas: Arc<Nas>,
     cache: Arc<Cache>,
     worker: Arc<Worker>,
@@ -126,6 +140,7 @@ pub struct ArenaFs {
     next_fh: AtomicU64,
     passthrough_ok: Arc<AtomicBool>,
     health: Arc<crate::health::Health>,
+    nas_io: nasio::NasIo,
 }
 
 /// What the filesystem works with, shared with the rest of the daemon.
@@ -149,6 +164,12 @@ pub struct Parts {
 impl ArenaFs {
     /// Builds the filesystem over an opened NAS and cache.
     pub fn new(parts: Parts, opts: FsOptions) -> std::io::Result<Self> {
+        Inner::new(parts, opts).map(|i| ArenaFs(Arc::new(i)))
+    }
+}
+
+impl Inner {
+    fn new(parts: Parts, opts: FsOptions) -> std::io::Result<Self> {
         let Parts {
             nas,
             cache,
@@ -174,6 +195,7 @@ impl ArenaFs {
             next_fh: AtomicU64::new(1),
             passthrough_ok,
             health,
+            nas_io: nasio::NasIo::new(16)?,
         })
     }
 
@@ -451,11 +473,23 @@ impl ArenaFs {
                 Stats::add(&self.stats.bytes_from_nas, buf.len() as u64);
                 Ok(buf)
             }
-            HandleKind::Ssd(f) => {
-                let buf = read_at(f, offset, size)?;
-                Stats::add(&self.stats.bytes_from_ssd, buf.len() as u64);
-                Ok(buf)
-            }
+            HandleKind::Ssd(f) => match read_at(f, offset, size) {
+                Ok(buf) => {
+                    Stats::add(&self.stats.bytes_from_ssd, buf.len() as u64);
+                    Ok(buf)
+                }
+                // The SSD failed under an open copy: the NAS still has the bytes.
+                Err(e) => match h.nas_file() {
+                    Some(nas) => {
+                        tracing::warn!(error = ?e, "cache copy unreadable; reading the NAS");
+                        self.copy_went_stale(h);
+                        let buf = read_at(nas, offset, size)?;
+                        Stats::add(&self.stats.bytes_from_nas, buf.len() as u64);
+                        Ok(buf)
+                    }
+                    None => Err(e),
+                },
+            },
             HandleKind::Nas(f) => {
                 let _fg = self.worker.foreground().enter();
                 let buf = read_at(f, offset, size)?;
@@ -499,7 +533,7 @@ impl ArenaFs {
     }
 }
 
-impl ArenaFs {
+impl Inner {
     /// The NAS file behind `h` changed: every handle reading its copy reads the NAS from now on,
     /// and the copy goes. Later opens start afresh.
     fn copy_went_stale(&self, h: &Handle) {
@@ -738,6 +772,20 @@ impl Filesystem for ArenaFs {
         };
         let result = if touches_nas && self.offline() {
             Err(Errno::EIO)
+        } else if touches_nas {
+            let inner = self.0.clone();
+            let handle = h.clone();
+            let answer = self.nas_io.run(self.opts.nas_timeout, move || {
+                inner.read_handle(&handle, offset, size)
+            });
+            answer.unwrap_or_else(|| {
+                tracing::warn!(
+                    timeout = ?self.opts.nas_timeout,
+                    "a NAS read did not answer in time; failing it with EIO"
+                );
+                self.health.kick();
+                Err(Errno::EIO)
+            })
         } else {
             self.read_handle(&h, offset, size)
         };

@@ -16,7 +16,7 @@ use std::time::{Duration, UNIX_EPOCH};
 use fuser::{Errno, FileAttr, FileHandle, FileType, FopenFlags, INodeNo, ReplyOpen};
 
 use super::inodes::{IoMode, ROOT_INO, ino_for};
-use super::{ArenaFs, DirListing, Handle, HandleKind};
+use super::{DirListing, Handle, HandleKind, Inner};
 use crate::stats::Stats;
 
 /// Errors that suggest the NAS itself is gone, not just one file: they trigger a health probe.
@@ -37,7 +37,7 @@ pub(super) fn nas_trouble(e: &std::io::Error) -> bool {
     )
 }
 
-impl ArenaFs {
+impl Inner {
     /// Whether the NAS is offline.
     pub(super) fn offline(&self) -> bool {
         self.health.offline()

@@ -25,7 +25,7 @@ use fuser::{BackingId, Errno, FileAttr, FopenFlags, Request, TimeOrNow};
 
 use super::creds::{self, Caller};
 use super::inodes::{IoMode, ino_for};
-use super::{ArenaFs, Handle, HandleKind};
+use super::{Handle, HandleKind, Inner};
 use crate::stats::Stats;
 
 /// Open flags passed on to the NAS for a writer (the kernel handles `O_APPEND` offsets itself).
@@ -78,7 +78,7 @@ pub(super) fn timespec(t: Option<TimeOrNow>) -> libc::timespec {
     }
 }
 
-impl ArenaFs {
+impl Inner {
     /// Who a change is made as: the caller, or `write_as`.
     pub(super) fn caller(&self, req: &Request) -> Caller {
         match self.opts.write_as {

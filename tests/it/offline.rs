@@ -90,3 +90,37 @@ fn a_lost_nas_serves_complete_copies_and_comes_back() {
     assert!(m.status()["cache_entries"].as_u64().unwrap() >= entries);
     assert!(m.log().contains("NAS back online"), "{}", m.log());
 }
+
+#[test]
+fn a_hung_nas_fails_reads_in_bounded_time() {
+    require_mount!();
+    let s = LoopDirs::new(64);
+    let nas = &s.nas.dir;
+    fs::create_dir_all(nas.join("loras")).unwrap();
+    let a = random_bytes(2 * CHUNK as usize, 1);
+    let b = random_bytes(2 * CHUNK as usize, 2);
+    fs::write(nas.join("loras/a.safetensors"), &a).unwrap();
+    fs::write(nas.join("loras/b.safetensors"), &b).unwrap();
+    s.nas.remount(); // nothing of the NAS in the page cache
+    let m = s.mount(&["min_size_mb=0", "nas_timeout=2"]);
+    assert_eq!(fs::read(m.path("loras/a.safetensors")).unwrap(), a);
+    m.wait_copies(1);
+    // Look b up while the disk still answers; then it all but stops (4 KiB/s).
+    assert_eq!(
+        fs::metadata(m.path("loras/b.safetensors")).unwrap().len(),
+        b.len() as u64
+    );
+    s.nas.throttle(4096);
+    let t = Instant::now();
+    let err = fs::read(m.path("loras/b.safetensors")).unwrap_err();
+    let waited = t.elapsed();
+    assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
+    assert!(waited < Duration::from_secs(20), "failed after {waited:?}");
+    // The complete copy is still served.
+    assert_eq!(fs::read(m.path("loras/a.safetensors")).unwrap(), a);
+    s.nas.throttle(0);
+    wait_for("reads work again", Duration::from_secs(30), || {
+        fs::read(m.path("loras/b.safetensors")).is_ok_and(|got| got == b)
+    });
+    assert!(m.log().contains("did not answer in time"), "{}", m.log());
+}

@@ -399,3 +399,52 @@ impl LoopDirs {
         )
     }
 }
+
+/// A cache dir on a small ext4 file system of its own (an image on a loop device), so that a
+/// test can fill it up or break it under a running daemon. Unmounted and detached on drop.
+pub struct LoopCache {
+    fs: LoopNas,
+}
+
+impl LoopCache {
+    /// Creates a `size_mb` file system at `dir` (which must exist).
+    pub fn new(image: &Path, dir: &Path, size_mb: u64) -> Self {
+        Self {
+            fs: LoopNas::new(image, dir, size_mb),
+        }
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.fs.dir
+    }
+
+    /// Free bytes, counting the blocks reserved for root (the daemon runs as root).
+    pub fn free_bytes(&self) -> u64 {
+        let s = nix::sys::statvfs::statvfs(&self.fs.dir).unwrap();
+        s.blocks_free() * s.fragment_size()
+    }
+
+    /// Makes the file system fail like a dead disk: from now on every access to it (reads
+    /// included) fails with `EIO`. ext4's `FS_IOC_SHUTDOWN` without flushing the journal. (A
+    /// `mount -o remount,ro` is refused while the daemon holds files open for writing.)
+    pub fn shut_down(&self) {
+        // _IOR('X', 125, __u32) and EXT4_GOING_FLAGS_NOLOGFLUSH.
+        const FS_IOC_SHUTDOWN: libc::c_ulong = 0x8004_587d;
+        let flags: u32 = 2;
+        let dir = fs::File::open(&self.fs.dir).unwrap();
+        // SAFETY: the ioctl reads one u32 from the pointer, which points to a live local.
+        let rc = unsafe {
+            libc::ioctl(
+                std::os::fd::AsRawFd::as_raw_fd(&dir),
+                FS_IOC_SHUTDOWN,
+                &flags as *const u32,
+            )
+        };
+        assert_eq!(
+            rc,
+            0,
+            "FS_IOC_SHUTDOWN: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+}
