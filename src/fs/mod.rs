@@ -16,6 +16,7 @@
 pub mod creds;
 pub mod inodes;
 mod nasio;
+use write::ReplyXattrExt;
 mod offline;
 mod write;
 
@@ -197,6 +198,10 @@ impl Inner {
             health,
             nas_io: nasio::NasIo::new(16)?,
         })
+    }
+
+    fn handle(&self, fh: FileHandle) -> Result<Arc<Handle>, Errno> {
+        self.handles.lock().get(&fh.0).cloned().ok_or(Errno::EBADF)
     }
 
     fn path(&self, ino: INodeNo) -> Result<PathBuf, Errno> {
@@ -760,10 +765,7 @@ impl Filesystem for ArenaFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        let Some(h) = self.handles.lock().get(&fh.0).cloned() else {
-            reply.error(Errno::EBADF);
-            return;
-        };
+        let h = try_reply!(reply, self.handle(fh));
         let started = std::time::Instant::now();
         let touches_nas = match &h.kind {
             HandleKind::Nas(_) | HandleKind::Write(_) | HandleKind::Fill { .. } => true,
@@ -1198,10 +1200,7 @@ impl Filesystem for ArenaFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
-        let Some(h) = self.handles.lock().get(&fh.0).cloned() else {
-            reply.error(Errno::EBADF);
-            return;
-        };
+        let h = try_reply!(reply, self.handle(fh));
         let n = try_reply!(reply, self.do_write(&h, offset, data));
         reply.written(n);
     }
@@ -1214,10 +1213,7 @@ impl Filesystem for ArenaFs {
         datasync: bool,
         reply: ReplyEmpty,
     ) {
-        let Some(h) = self.handles.lock().get(&fh.0).cloned() else {
-            reply.error(Errno::EBADF);
-            return;
-        };
+        let h = try_reply!(reply, self.handle(fh));
         try_reply!(reply, self.do_fsync(&h, datasync));
         reply.ok();
     }
@@ -1243,10 +1239,7 @@ impl Filesystem for ArenaFs {
         mode: i32,
         reply: ReplyEmpty,
     ) {
-        let Some(h) = self.handles.lock().get(&fh.0).cloned() else {
-            reply.error(Errno::EBADF);
-            return;
-        };
+        let h = try_reply!(reply, self.handle(fh));
         try_reply!(reply, self.do_fallocate(&h, offset, length, mode));
         reply.ok();
     }
@@ -1255,20 +1248,14 @@ impl Filesystem for ArenaFs {
         let rel = try_reply!(reply, self.path(ino));
         let caller = self.caller(req);
         let answer = self.xattr_read(&caller, size, |buf| self.nas.getxattr(&rel, name, buf));
-        match try_reply!(reply, answer) {
-            write::XattrAnswer::Size(n) => reply.size(n),
-            write::XattrAnswer::Data(d) => reply.data(&d),
-        }
+        answer.reply(reply);
     }
 
     fn listxattr(&self, req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
         let rel = try_reply!(reply, self.path(ino));
         let caller = self.caller(req);
         let answer = self.xattr_read(&caller, size, |buf| self.nas.listxattr(&rel, buf));
-        match try_reply!(reply, answer) {
-            write::XattrAnswer::Size(n) => reply.size(n),
-            write::XattrAnswer::Data(d) => reply.data(&d),
-        }
+        answer.reply(reply);
     }
 
     fn setxattr(

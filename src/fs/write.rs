@@ -582,3 +582,18 @@ pub(super) enum XattrAnswer {
     Size(u32),
     Data(Vec<u8>),
 }
+
+/// Sends an xattr read's answer (or error).
+pub(super) trait ReplyXattrExt {
+    fn reply(self, reply: fuser::ReplyXattr);
+}
+
+impl ReplyXattrExt for Result<XattrAnswer, Errno> {
+    fn reply(self, reply: fuser::ReplyXattr) {
+        match self {
+            Ok(XattrAnswer::Size(n)) => reply.size(n),
+            Ok(XattrAnswer::Data(d)) => reply.data(&d),
+            Err(e) => reply.error(e),
+        }
+    }
+}

@@ -217,19 +217,7 @@ impl Daemon {
 
 impl Drop for Daemon {
     fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = nix::mount::umount2(&self.mnt, nix::mount::MntFlags::MNT_DETACH);
-            let start = Instant::now();
-            while c.try_wait().ok().flatten().is_none() && start.elapsed() < Duration::from_secs(10)
-            {
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-        if arenafs::mount::mount_at(&self.mnt).is_some() {
-            let _ = nix::mount::umount2(&self.mnt, nix::mount::MntFlags::MNT_DETACH);
-        }
+        crate::util::stop_daemon(self.child.take(), &self.mnt);
     }
 }
 

@@ -262,20 +262,24 @@ impl Mounted {
 
 impl Drop for Mounted {
     fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = nix::mount::umount2(&self.mnt, nix::mount::MntFlags::MNT_DETACH);
-            let start = Instant::now();
-            while c.try_wait().ok().flatten().is_none() && start.elapsed() < Duration::from_secs(10)
-            {
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            let _ = c.kill();
-            let _ = c.wait();
+        stop_daemon(self.child.take(), &self.mnt);
+    }
+}
+
+/// Ends a test's daemon however the test left it: detaches its mount, gives it 10 s to exit,
+/// then kills it; a stale mount (after `kill -9`) must not outlive the test either.
+pub fn stop_daemon(child: Option<Child>, mnt: &Path) {
+    if let Some(mut c) = child {
+        let _ = nix::mount::umount2(mnt, nix::mount::MntFlags::MNT_DETACH);
+        let start = Instant::now();
+        while c.try_wait().ok().flatten().is_none() && start.elapsed() < Duration::from_secs(10) {
+            std::thread::sleep(Duration::from_millis(20));
         }
-        // A stale mount left by kill9 must not outlive the test.
-        if arenafs::mount::mount_at(&self.mnt).is_some() {
-            let _ = nix::mount::umount2(&self.mnt, nix::mount::MntFlags::MNT_DETACH);
-        }
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+    if arenafs::mount::mount_at(mnt).is_some() {
+        let _ = nix::mount::umount2(mnt, nix::mount::MntFlags::MNT_DETACH);
     }
 }
 
