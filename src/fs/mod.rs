@@ -634,6 +634,9 @@ impl Filesystem for ArenaFs {
         // that stats), plain ones otherwise (ComfyUI's scans only need d_type).
         let _ = config
             .add_capabilities(InitFlags::FUSE_DO_READDIRPLUS | InitFlags::FUSE_READDIRPLUS_AUTO);
+        // O_TRUNC arrives with the open, so a truncating open is a writer's open (it waits for
+        // readers of the SSD copy like any writer) instead of a read open plus a later setattr.
+        let _ = config.add_capabilities(InitFlags::FUSE_ATOMIC_O_TRUNC);
         if self.opts.passthrough
             && config.add_capabilities(InitFlags::FUSE_PASSTHROUGH).is_ok()
             && config.set_max_stack_depth(1).is_ok()

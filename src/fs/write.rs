@@ -151,6 +151,8 @@ impl Inner {
         backing: &dyn Fn(&File) -> io::Result<BackingId>,
     ) -> Result<Opened, Errno> {
         let acc = flags & libc::O_ACCMODE;
+        // Before the NAS open: an O_TRUNC must not happen if the wait ends in ETXTBSY.
+        self.wait_for_copy_readers(ino, rel)?;
         let file = self.as_caller(caller, || {
             self.nas
                 .open_with(rel, flags & PASSED_FLAGS & !libc::O_CREAT, 0)
@@ -426,6 +428,11 @@ impl Inner {
         let fd = handle.as_ref().and_then(|h| h.nas_file());
         // A file whose name is gone is changed through its handle.
         let rel = self.inodes.lock().path(ino);
+        // New content under readers of the SSD copy: they must close first (see the module docs).
+        if size.is_some() {
+            let shown = rel.clone().unwrap_or_default();
+            self.wait_for_copy_readers(ino, &shown)?;
+        }
         let target = match (&rel, fd) {
             (Some(rel), _) => Target::Path(rel),
             (None, Some(f)) => Target::Fd(f),
@@ -491,6 +498,19 @@ impl Inner {
             (None, Some(rel)) => self.nas.stat(rel).map_err(errno)?,
             (None, None) => return Err(Errno::ENOENT),
         };
+        if size.is_none() {
+            // Same bytes, new metadata: readers of the SSD copy may keep sharing it.
+            let now = self.cache.rule().identity(&st);
+            if let Some(node) = self.inodes.lock().get_mut(ino)
+                && let IoMode::Passthrough {
+                    nas: false,
+                    identity: held @ Some(_),
+                    ..
+                } = &mut node.mode
+            {
+                *held = Some(now);
+            }
+        }
         let mut attr = self.attr(&st);
         attr.ino = fuser::INodeNo(ino);
         Ok(attr)

@@ -315,7 +315,7 @@ fn ssd_full_keeps_reads_working() {
     let cache_dir = d.tmp.path().join("cachefs");
     fs::create_dir(&cache_dir).unwrap();
     // Declared before the mount: dropped (unmounted) after it.
-    let cache = LoopCache::new(&d.tmp.path().join("cache.img"), &cache_dir, 64);
+    let cache = LoopCache::new(&d.tmp.path().join("cache.img"), &cache_dir, 80);
     let c = CHUNK as usize;
     let big = "checkpoints/big.safetensors";
     nas_file(&d, big, 24 * c + 17); // 96 MiB: more than the whole cache file system

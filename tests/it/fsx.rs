@@ -34,7 +34,7 @@ const MAX_ORPHANS: usize = 3;
 const MAX_READERS: usize = 2;
 /// Operations between two full comparisons of all files.
 const CHECK_EVERY: usize = 100;
-const DEFAULT_SEED: u64 = 0xf5c5_2024;
+const DEFAULT_SEED: u64 = 46;
 const DEFAULT_OPS: usize = 1500;
 /// Operations shown before a mismatch.
 const HISTORY: usize = 20;
@@ -81,6 +81,9 @@ fn run(variant: &str, opts: &[&str], free_readers: bool) {
     for i in 0..3 {
         let len = rng.random_range(0..=MAX_SIZE) as usize;
         let data = random_bytes(len, rng.random());
+        if trace {
+            eprintln!("fsx[{variant}] initial {}: {len} bytes", file_name(i));
+        }
         fs::write(d.nas.join("loras").join(file_name(i)), &data).unwrap();
         fs::write(plain_root.join("loras").join(file_name(i)), &data).unwrap();
     }
@@ -510,6 +513,11 @@ fn read_path(p: &Path) -> Out {
         Ok(b) => Out::Bytes(b),
         Err(e) => Out::Err(e.raw_os_error().unwrap_or(-1)),
     }
+}
+
+fn page_size() -> u64 {
+    // SAFETY: plain system call.
+    unsafe { libc::sysconf(libc::_SC_PAGESIZE) as u64 }
 }
 
 /// A shared mapping, unmapped on drop.
@@ -993,7 +1001,7 @@ fn gen_op(rng: &mut StdRng, s: &Side, free_readers: bool) -> Op {
         },
         47..61 if size == 0 => Op::ReadWhole { file },
         47..54 => {
-            let page = 4096;
+            let page = page_size();
             let off = offset(rng, size).min(size - 1) / page * page;
             Op::MmapRead {
                 t,
@@ -1002,7 +1010,7 @@ fn gen_op(rng: &mut StdRng, s: &Side, free_readers: bool) -> Op {
             }
         }
         54..61 => {
-            let page = 4096;
+            let page = page_size();
             let off = offset(rng, size).min(size - 1) / page * page;
             Op::MmapWrite {
                 t,
