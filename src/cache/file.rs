@@ -127,6 +127,14 @@ impl CacheFile {
         self.state.lock().map.is_complete()
     }
 
+    /// Whether every chunk of `[offset, offset + size)` is present (a read of it needs no NAS).
+    pub fn has_range(&self, offset: u64, size: u32) -> bool {
+        let st = self.state.lock();
+        st.map
+            .chunks_for(offset, u64::from(size))
+            .all(|i| st.map.is_present(i))
+    }
+
     /// A snapshot of the chunk map.
     pub fn map(&self) -> ChunkMap {
         self.state.lock().map.clone()

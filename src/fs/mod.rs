@@ -744,7 +744,7 @@ impl Filesystem for ArenaFs {
                     let fh = FileHandle(w.fh);
                     match &w.backing {
                         Some(b) => reply.opened_passthrough(fh, FopenFlags::empty(), b),
-                        None => reply.opened(fh, w.flags),
+                        None => reply.opened(fh, FopenFlags::empty()),
                     }
                 }
                 Err(e) => reply.error(e),
@@ -771,7 +771,12 @@ impl Filesystem for ArenaFs {
         let h = try_reply!(reply, self.handle(fh));
         let started = std::time::Instant::now();
         let touches_nas = match &h.kind {
-            HandleKind::Nas(_) | HandleKind::Write(_) | HandleKind::Fill { .. } => true,
+            HandleKind::Nas(_) | HandleKind::Write(_) => true,
+            // Chunks already on the SSD need no trip through the NAS pool (offline, a partial
+            // copy is not served at all).
+            HandleKind::Fill { cf, .. } => {
+                self.offline() || h.stale.load(Ordering::Relaxed) || !cf.has_range(offset, size)
+            }
             HandleKind::Ssd(_) => h.stale.load(Ordering::Relaxed),
             HandleKind::Passthrough(_) => false,
         };
@@ -1186,7 +1191,7 @@ impl Filesystem for ArenaFs {
                 &attr,
                 Generation(0),
                 FileHandle(opened.fh),
-                opened.flags,
+                FopenFlags::empty(),
             ),
         }
     }

@@ -21,7 +21,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::SystemTime;
 
-use fuser::{BackingId, Errno, FileAttr, FopenFlags, Request, TimeOrNow};
+use fuser::{BackingId, Errno, FileAttr, Request, TimeOrNow};
 
 use super::creds::{self, Caller};
 use super::inodes::{IoMode, ino_for};
@@ -38,7 +38,6 @@ pub const WRITER_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 pub(super) struct Opened {
     pub fh: u64,
     pub backing: Option<Arc<BackingId>>,
-    pub flags: FopenFlags,
 }
 
 fn errno(e: io::Error) -> Errno {
@@ -188,16 +187,8 @@ impl Inner {
         let Some(node) = inodes.get_mut(ino) else {
             return Err(Errno::ESTALE);
         };
-        let handle = |kind, nas| Handle {
-            ino,
-            kind,
-            cache_ref: None,
-            nas,
-            stale: stale.clone(),
-            writer: true,
-            identity: None,
-        };
-        let opened = match (&node.mode, node.open > 0) {
+        // Which backing file the handle shares through passthrough (`None`: user space).
+        let backing_id = match (&node.mode, node.open > 0) {
             // Other handles already use the NAS file through passthrough: share it.
             (
                 IoMode::Passthrough {
@@ -207,17 +198,7 @@ impl Inner {
                     ..
                 },
                 true,
-            ) if (acc == libc::O_WRONLY || *readable) && b.upgrade().is_some() => {
-                let b = b.upgrade().expect("checked above");
-                node.open += 1;
-                drop(inodes);
-                self.insert_handle(fh, handle(HandleKind::Passthrough(b.clone()), Some(file)));
-                Opened {
-                    fh,
-                    backing: Some(b),
-                    flags: FopenFlags::empty(),
-                }
-            }
+            ) if (acc == libc::O_WRONLY || *readable) && b.upgrade().is_some() => b.upgrade(),
             // A reader started passthrough to the SSD copy since the wait, or the NAS backing
             // file of other writers cannot serve this one: the kernel would refuse any other
             // mode.
@@ -228,35 +209,25 @@ impl Inner {
                 return Err(Errno::ETXTBSY);
             }
             // Handles in page-cache mode: the kernel writes through its page cache to us.
-            (IoMode::Cached, true) => {
-                node.open += 1;
-                drop(inodes);
-                self.insert_handle(fh, handle(HandleKind::Write(file), None));
-                Opened {
-                    fh,
-                    backing: None,
-                    flags: FopenFlags::empty(),
-                }
-            }
+            (IoMode::Cached, true) => None,
             // First handle: passthrough to the NAS file if the kernel offers it.
             _ => {
-                let mut shared = None;
-                if self.passthrough_ok.load(Ordering::Relaxed) {
+                let shared = self.passthrough_ok.load(Ordering::Relaxed).then(|| {
                     // Later readers share the backing file: open it for reading too if allowed.
-                    let (bfile, readable) = if acc == libc::O_RDWR {
-                        (None, true)
-                    } else {
-                        match self.as_caller(caller, || self.nas.open_with(rel, libc::O_RDWR, 0)) {
-                            Ok(f) => (Some(f), true),
-                            Err(_) => (None, false),
-                        }
+                    let reopened = (acc != libc::O_RDWR).then(|| {
+                        self.as_caller(caller, || self.nas.open_with(rel, libc::O_RDWR, 0))
+                    });
+                    let readable = acc == libc::O_RDWR || matches!(reopened, Some(Ok(_)));
+                    let bfile = match &reopened {
+                        Some(Ok(f)) => f,
+                        _ => &file,
                     };
-                    match backing(bfile.as_ref().unwrap_or(&file)) {
-                        Ok(b) => shared = Some((Arc::new(b), readable)),
-                        Err(e) => tracing::debug!(error = %e, "no passthrough for a writer"),
-                    }
-                }
-                match shared {
+                    backing(bfile)
+                        .inspect_err(|e| tracing::debug!(error = %e, "no passthrough for a writer"))
+                        .ok()
+                        .map(|b| (Arc::new(b), readable))
+                });
+                match shared.flatten() {
                     Some((b, readable)) => {
                         node.mode = IoMode::Passthrough {
                             backing: Arc::downgrade(&b),
@@ -264,33 +235,37 @@ impl Inner {
                             readable,
                             identity: None,
                         };
-                        node.open += 1;
-                        drop(inodes);
-                        self.insert_handle(
-                            fh,
-                            handle(HandleKind::Passthrough(b.clone()), Some(file)),
-                        );
-                        Opened {
-                            fh,
-                            backing: Some(b),
-                            flags: FopenFlags::empty(),
-                        }
+                        Some(b)
                     }
                     None => {
                         node.mode = IoMode::Cached;
-                        node.open += 1;
-                        drop(inodes);
-                        self.insert_handle(fh, handle(HandleKind::Write(file), None));
-                        Opened {
-                            fh,
-                            backing: None,
-                            flags: FopenFlags::empty(),
-                        }
+                        None
                     }
                 }
             }
         };
-        Ok(opened)
+        node.open += 1;
+        drop(inodes);
+        let (kind, nas) = match &backing_id {
+            Some(b) => (HandleKind::Passthrough(b.clone()), Some(file)),
+            None => (HandleKind::Write(file), None),
+        };
+        self.insert_handle(
+            fh,
+            Handle {
+                ino,
+                kind,
+                cache_ref: None,
+                nas,
+                stale,
+                writer: true,
+                identity: None,
+            },
+        );
+        Ok(Opened {
+            fh,
+            backing: backing_id,
+        })
     }
 
     /// Waits until no handle reads `ino` through passthrough to its SSD copy (see the module
