@@ -12,12 +12,13 @@ use nix::sys::signal::{SigSet, Signal};
 use crate::cache::{Cache, Store};
 use crate::config::{self, Live, Loaded};
 use crate::control;
-use crate::fs::{ArenaFs, FsOptions};
+use crate::fs::ArenaFs;
 use crate::mount::{self, KernelOptions};
 use crate::options::MountOptions;
 use crate::reload::Reloader;
 use crate::source::{IdentityRule, Nas};
 use crate::stats::Stats;
+use crate::vfs::{FsOptions, Vfs};
 use crate::worker::{Foreground, Worker};
 
 /// Chunk size of new cache copies: large enough that NAS requests are efficient, small enough
@@ -118,8 +119,8 @@ pub fn run(
     health.start(nas.clone())?;
     worker.watch_health(health.clone());
     let passthrough = Arc::new(AtomicBool::new(false));
-    let fs = ArenaFs::new(
-        crate::fs::Parts {
+    let vfs = Vfs::new(
+        crate::vfs::Parts {
             nas: nas.clone(),
             cache: cache.clone(),
             worker: worker.clone(),
@@ -155,7 +156,7 @@ pub fn run(
     let mut fuse_cfg = fuser::Config::default();
     fuse_cfg.n_threads = Some(cfg.threads);
     fuse_cfg.clone_fd = true;
-    let session = match fuser::Session::from_fd(fs, dev, acl, fuse_cfg) {
+    let session = match fuser::Session::from_fd(ArenaFs::new(vfs), dev, acl, fuse_cfg) {
         Ok(s) => s,
         Err(e) => {
             let _ = nix::mount::umount2(&mountpoint, nix::mount::MntFlags::MNT_DETACH);

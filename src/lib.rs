@@ -8,7 +8,8 @@
 //! - [`policy`]: which files are cached (category, size floor, excludes, state).
 //! - [`cache`]: the SSD cache: layout, index, chunk maps, live copies being filled.
 //! - [`worker`]: background completion of copies.
-//! - [`fs`]: the FUSE adapter.
+//! - [`vfs`]: the file-system core: every operation of the mount, without the kernel protocol.
+//! - [`fs`]: the FUSE adapter (unpacks requests, calls [`vfs`], replies).
 //! - [`health`]: whether the NAS is there (offline mode).
 //! - [`models`]: model references (`category/file`) and their NAS paths.
 //! - [`mount`]: mounting, stale-mount recovery, unmounting.
@@ -35,5 +36,6 @@ pub mod policy;
 pub mod reload;
 pub mod source;
 pub mod stats;
+pub mod vfs;
 pub mod worker;
 pub mod workflow;

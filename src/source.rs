@@ -130,14 +130,28 @@ impl Nas {
         &self.root
     }
 
-    /// `lstat` of a path relative to the root (`""` is the root itself).
+    /// `lstat` of a path relative to the root (`""` is the root itself), resolved beneath the
+    /// root like every other access: a directory swapped for a symlink on the NAS fails the call
+    /// instead of leading outside.
     pub fn stat(&self, rel: &Path) -> io::Result<FileStat> {
-        nix::sys::stat::fstatat(
-            &*self.fd(),
-            dot_if_empty(rel),
-            nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
-        )
-        .map_err(io::Error::from)
+        let fd = self.open_beneath(rel, OFlag::O_PATH | OFlag::O_NOFOLLOW)?;
+        nix::sys::stat::fstat(&fd).map_err(io::Error::from)
+    }
+
+    /// `lstat` of the entries `names` of directory `dir` (one open of the directory).
+    pub fn stat_children(
+        &self,
+        dir: &Path,
+        names: &[&OsStr],
+    ) -> io::Result<Vec<io::Result<FileStat>>> {
+        let fd = self.open_beneath(dir, OFlag::O_PATH | OFlag::O_DIRECTORY)?;
+        Ok(names
+            .iter()
+            .map(|n| {
+                nix::sys::stat::fstatat(&fd, *n, nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW)
+                    .map_err(io::Error::from)
+            })
+            .collect())
     }
 
     /// Opens a regular file read-only, never following symlinks.
@@ -146,32 +160,49 @@ impl Nas {
         Ok(File::from(fd))
     }
 
-    /// Reads a symlink's target.
+    /// Reads a symlink's target (the link is found beneath the root).
     pub fn readlink(&self, rel: &Path) -> io::Result<OsString> {
-        nix::fcntl::readlinkat(&*self.fd(), dot_if_empty(rel)).map_err(io::Error::from)
+        let fd = self.open_beneath(rel, OFlag::O_PATH | OFlag::O_NOFOLLOW)?;
+        nix::fcntl::readlinkat(&fd, "").map_err(io::Error::from)
     }
 
     /// Lists a directory: `(name, file type from d_type or lstat, d_ino)`, without `.` and `..`.
     pub fn read_dir(&self, rel: &Path) -> io::Result<Vec<(OsString, DirEntryKind, u64)>> {
         let fd = self.open_beneath(rel, OFlag::O_RDONLY | OFlag::O_DIRECTORY)?;
         let mut dir = nix::dir::Dir::from_fd(fd).map_err(io::Error::from)?;
-        let mut out = Vec::new();
+        let mut listed = Vec::new();
         for entry in dir.iter() {
             let entry = entry.map_err(io::Error::from)?;
             let name = OsStr::from_bytes(entry.file_name().to_bytes());
             if name == "." || name == ".." {
                 continue;
             }
-            let kind = match entry.file_type() {
-                Some(t) => DirEntryKind::from_nix(t),
-                None => match self.stat(&rel.join(name)) {
+            let kind = entry.file_type().map(DirEntryKind::from_nix);
+            listed.push((name.to_os_string(), kind, entry.ino()));
+        }
+        let mut out = Vec::with_capacity(listed.len());
+        for (name, kind, ino) in listed {
+            let kind = match kind {
+                Some(k) => k,
+                // No d_type from this file system: lstat it in the listed directory.
+                None => match nix::sys::stat::fstatat(
+                    &dir,
+                    name.as_os_str(),
+                    nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
+                ) {
                     Ok(st) => DirEntryKind::from_mode(st.st_mode),
                     Err(_) => continue, // vanished between readdir and stat
                 },
             };
-            out.push((name.to_os_string(), kind, entry.ino()));
+            out.push((name, kind, ino));
         }
         Ok(out)
+    }
+
+    /// `fsync` of a directory (its entries made durable on the NAS).
+    pub fn sync_dir(&self, rel: &Path) -> io::Result<()> {
+        let fd = self.open_beneath(rel, OFlag::O_RDONLY | OFlag::O_DIRECTORY)?;
+        File::from(fd).sync_all()
     }
 
     /// `statvfs` of the NAS root.

@@ -84,6 +84,11 @@ counters! {
     /// Bytes written to the NAS by user-space writer handles (passthrough writes never reach
     /// the daemon).
     bytes_written,
+    /// NAS calls answered without the NAS: past the deadline, or no free NAS thread.
+    nas_timeouts,
+    /// Lookups, attributes and opens answered from the cache index because the NAS did not
+    /// answer (offline or hung).
+    index_answers,
 }
 
 /// Upper bounds, in seconds, of the read latency histogram buckets (plus `+Inf`).

@@ -602,7 +602,8 @@ impl Worker {
         if self.live.policy().decide(rel, identity.size) != Decision::Cache {
             return Err(JobError::Skipped("the policy does not cache it"));
         }
-        let cf = match self.cache.find(rel, identity, true) {
+        let perms = Some(crate::cache::Perms::of(&st));
+        let cf = match self.cache.find(rel, identity, perms, true, false) {
             Ok(Found::Partial(cf)) => cf,
             Ok(Found::Complete(_)) => return Ok(()),
             Ok(Found::None) => {

@@ -254,6 +254,7 @@ fn take(
         identity: rule.identity(&st),
         map,
         last_access: super::live::now_secs(),
+        perms: Some(super::Perms::of(&st)),
     };
     if let Some(prev) = store.get(target) {
         store.remove(target, prev.id).map_err(io::Error::other)?;

@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use parking_lot::{Condvar, Mutex};
 
-use super::{ChunkMap, EntryRecord, Store, StoreError};
+use super::{ChunkMap, EntryRecord, Perms, Store, StoreError};
 use crate::source::{Identity, IdentityRule, pread_full};
 
 /// Why a chunk could not be served from the cache.
@@ -49,6 +49,7 @@ pub struct CacheFile {
     rel: PathBuf,
     id: u64,
     identity: Identity,
+    perms: Option<Perms>,
     rule: IdentityRule,
     data: File,
     state: Mutex<FillState>,
@@ -78,6 +79,7 @@ impl CacheFile {
         rel: PathBuf,
         id: u64,
         identity: Identity,
+        perms: Option<Perms>,
         rule: IdentityRule,
         data: File,
         map: ChunkMap,
@@ -87,6 +89,7 @@ impl CacheFile {
             rel,
             id,
             identity,
+            perms,
             rule,
             data,
             state: Mutex::new(FillState {
@@ -293,6 +296,7 @@ impl CacheFile {
                 identity: self.identity,
                 map: map.clone(),
                 last_access,
+                perms: self.perms,
             },
         )?;
         *persisted = map.present_count();
@@ -327,6 +331,7 @@ mod tests {
             "loras/x".into(),
             id,
             identity,
+            None,
             IdentityRule::SizeMtimeIno,
             data,
             ChunkMap::new(content.len() as u64, chunk),

@@ -2,16 +2,16 @@
 //! shares one [`CacheFile`] between all readers and the worker, and makes progress durable in the
 //! background.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fs::OpenOptions;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant, SystemTime};
 
-use parking_lot::Mutex;
+use parking_lot::{Condvar, Mutex};
 
-use super::{CacheFile, ChunkMap, Store, StoreError};
+use super::{CacheFile, ChunkMap, Perms, Store, StoreError};
 use crate::config::Live;
 use crate::source::{Identity, IdentityRule};
 use crate::stats::Stats;
@@ -32,6 +32,12 @@ pub enum Found {
 }
 
 /// The SSD cache of one mount.
+///
+/// Locking: finding, creating and dropping the copy of one NAS path are exclusive per path
+/// ([`Cache::lock_path`]), so an eviction cannot remove a copy while an open of the same path is
+/// finding it (which would leave an index record without its data file). The maps below are
+/// locked only for lookups and updates in memory, never across I/O: an open of one file never
+/// waits for the `fdatasync` or index commit of another.
 #[derive(Debug)]
 pub struct Cache {
     pub(super) store: Store,
@@ -48,6 +54,22 @@ pub struct Cache {
     pub(super) stats: Arc<Stats>,
     /// Serialises space decisions, so two new copies cannot both claim the last free bytes.
     pub(super) space: Mutex<()>,
+    /// Paths whose copy is being found, created or dropped (see [`Cache::lock_path`]).
+    busy_paths: Mutex<HashSet<PathBuf>>,
+    path_freed: Condvar,
+}
+
+/// Exclusive use of one NAS path's copy; released on drop.
+pub(super) struct PathGuard<'a> {
+    cache: &'a Cache,
+    rel: PathBuf,
+}
+
+impl Drop for PathGuard<'_> {
+    fn drop(&mut self) {
+        self.cache.busy_paths.lock().remove(&self.rel);
+        self.cache.path_freed.notify_all();
+    }
 }
 
 /// Seconds since the epoch.
@@ -86,6 +108,8 @@ impl Cache {
             settings,
             stats,
             space: Mutex::new(()),
+            busy_paths: Mutex::new(HashSet::new()),
+            path_freed: Condvar::new(),
         });
         let weak = Arc::downgrade(&cache);
         let handle = std::thread::Builder::new()
@@ -106,12 +130,84 @@ impl Cache {
         self.rule
     }
 
-    /// Looks up a usable copy of `rel` whose NAS file now has `identity`. A copy recorded for
-    /// another identity is dropped (the NAS file changed). With `create`, a missing copy is
-    /// started.
-    pub fn find(&self, rel: &Path, identity: Identity, create: bool) -> Result<Found, StoreError> {
-        let mut live = self.live.lock();
-        if let Some(cf) = live.get(rel).and_then(Weak::upgrade) {
+    /// Waits until no one else finds, creates or drops the copy of `rel`, and holds it.
+    pub(super) fn lock_path(&self, rel: &Path) -> PathGuard<'_> {
+        let mut busy = self.busy_paths.lock();
+        while busy.contains(rel) {
+            self.path_freed.wait(&mut busy);
+        }
+        busy.insert(rel.to_path_buf());
+        PathGuard {
+            cache: self,
+            rel: rel.to_path_buf(),
+        }
+    }
+
+    /// Looks up a usable copy of `rel` whose NAS file now has `identity` (and `perms`). A copy
+    /// recorded for another identity is dropped (the NAS file changed). With `create`, a missing
+    /// copy is started. With `pin`, a copy found is protected from eviction, as by
+    /// [`Cache::open_ref`], before anyone else can drop it (release with [`Cache::close_ref`]).
+    pub fn find(
+        &self,
+        rel: &Path,
+        identity: Identity,
+        perms: Option<Perms>,
+        create: bool,
+        pin: bool,
+    ) -> Result<Found, StoreError> {
+        let found = {
+            let _path = self.lock_path(rel);
+            let found = self.find_locked(rel, identity, perms)?;
+            if pin && !matches!(found, Found::None) {
+                self.open_ref(rel);
+            }
+            found
+        };
+        if !matches!(found, Found::None) || !create {
+            return Ok(found);
+        }
+        // Room is made without holding this path (eviction takes other paths' locks).
+        if !self.make_room(rel, identity.size) {
+            return Ok(Found::None);
+        }
+        let _path = self.lock_path(rel);
+        // Another open may have created it meanwhile.
+        let found = self.find_locked(rel, identity, perms)?;
+        let found = match found {
+            Found::None => {
+                let (id, data) = self.store.create_data_file(identity.size)?;
+                let cf = Arc::new(CacheFile::new(
+                    rel.to_path_buf(),
+                    id,
+                    identity,
+                    perms,
+                    self.rule,
+                    data,
+                    ChunkMap::new(identity.size, self.chunk_size),
+                ));
+                self.live
+                    .lock()
+                    .insert(rel.to_path_buf(), Arc::downgrade(&cf));
+                self.lru.lock().put(rel.to_path_buf(), ());
+                Found::Partial(cf)
+            }
+            other => other,
+        };
+        if pin {
+            self.open_ref(rel);
+        }
+        Ok(found)
+    }
+
+    /// [`Cache::find`] without creating, under the path's lock.
+    fn find_locked(
+        &self,
+        rel: &Path,
+        identity: Identity,
+        perms: Option<Perms>,
+    ) -> Result<Found, StoreError> {
+        let live = self.live.lock().get(rel).and_then(Weak::upgrade);
+        if let Some(cf) = live {
             if cf.identity() == identity && !cf.is_disabled() {
                 return Ok(if cf.is_complete() {
                     Found::Complete(self.store.data_path(cf.id()))
@@ -119,69 +215,55 @@ impl Cache {
                     Found::Partial(cf)
                 });
             }
-            live.remove(rel);
+            self.live.lock().remove(rel);
             if !cf.is_disabled() {
                 tracing::info!(path = %rel.display(), "NAS file changed; dropping its cache copy");
             }
             cf.discard(&self.store)?;
         }
-        if let Some(rec) = self.store.get(rel) {
-            if rec.identity != identity {
-                tracing::info!(path = %rel.display(), "NAS file changed; dropping its cache copy");
+        let Some(rec) = self.store.get(rel) else {
+            return Ok(Found::None);
+        };
+        if rec.identity != identity {
+            tracing::info!(path = %rel.display(), "NAS file changed; dropping its cache copy");
+            self.store.remove(rel, rec.id)?;
+            return Ok(Found::None);
+        }
+        if let Some(p) = perms
+            && rec.perms != Some(p)
+            && let Err(e) = self.store.set_perms(rel, rec.id, p)
+        {
+            tracing::warn!(path = %rel.display(), error = %e, "could not record the owner and mode of a cached file");
+        }
+        if rec.is_complete() {
+            return Ok(Found::Complete(self.store.data_path(rec.id)));
+        }
+        match OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(self.store.data_path(rec.id))
+        {
+            Ok(data) if data.metadata()?.len() == identity.size => {
+                let cf = Arc::new(CacheFile::new(
+                    rel.to_path_buf(),
+                    rec.id,
+                    identity,
+                    perms.or(rec.perms),
+                    self.rule,
+                    data,
+                    rec.map,
+                ));
+                self.live
+                    .lock()
+                    .insert(rel.to_path_buf(), Arc::downgrade(&cf));
+                Ok(Found::Partial(cf))
+            }
+            _ => {
+                tracing::warn!(path = %rel.display(), "cache data file missing or wrong size; dropping the entry");
                 self.store.remove(rel, rec.id)?;
-            } else if rec.is_complete() {
-                return Ok(Found::Complete(self.store.data_path(rec.id)));
-            } else {
-                match OpenOptions::new()
-                    .read(true)
-                    .write(true)
-                    .open(self.store.data_path(rec.id))
-                {
-                    Ok(data) if data.metadata()?.len() == identity.size => {
-                        let cf = Arc::new(CacheFile::new(
-                            rel.to_path_buf(),
-                            rec.id,
-                            identity,
-                            self.rule,
-                            data,
-                            rec.map,
-                        ));
-                        live.insert(rel.to_path_buf(), Arc::downgrade(&cf));
-                        return Ok(Found::Partial(cf));
-                    }
-                    _ => {
-                        tracing::warn!(path = %rel.display(), "cache data file missing or wrong size; dropping the entry");
-                        self.store.remove(rel, rec.id)?;
-                    }
-                }
+                Ok(Found::None)
             }
         }
-        if !create {
-            return Ok(Found::None);
-        }
-        drop(live);
-        if !self.make_room(rel, identity.size) {
-            return Ok(Found::None);
-        }
-        let mut live = self.live.lock();
-        if let Some(cf) = live.get(rel).and_then(Weak::upgrade) {
-            // Another open created it meanwhile.
-            if cf.identity() == identity && !cf.is_disabled() {
-                return Ok(Found::Partial(cf));
-            }
-        }
-        let (id, data) = self.store.create_data_file(identity.size)?;
-        let cf = Arc::new(CacheFile::new(
-            rel.to_path_buf(),
-            id,
-            identity,
-            self.rule,
-            data,
-            ChunkMap::new(identity.size, self.chunk_size),
-        ));
-        live.insert(rel.to_path_buf(), Arc::downgrade(&cf));
-        self.lru.lock().put(rel.to_path_buf(), ());
-        Ok(Found::Partial(cf))
     }
 
     /// Bytes of `rel` (whose NAS file has `identity`) not yet in the cache.
@@ -201,7 +283,22 @@ impl Cache {
 
     /// Drops the copy of `rel` whatever its state (used when a complete copy turns out unusable).
     pub fn discard(&self, rel: &Path) -> Result<(), StoreError> {
-        if let Some(cf) = self.live.lock().remove(rel).and_then(|w| w.upgrade()) {
+        let _path = self.lock_path(rel);
+        self.discard_locked(rel)
+    }
+
+    /// Drops the copy of `rel` unless a handle has it open (eviction). Returns whether it went.
+    pub(super) fn discard_if_idle(&self, rel: &Path) -> Result<bool, StoreError> {
+        let _path = self.lock_path(rel);
+        if self.is_busy(rel) {
+            return Ok(false);
+        }
+        self.discard_locked(rel).map(|()| true)
+    }
+
+    fn discard_locked(&self, rel: &Path) -> Result<(), StoreError> {
+        let live = self.live.lock().remove(rel).and_then(|w| w.upgrade());
+        if let Some(cf) = live {
             cf.discard(&self.store)?;
         }
         if let Some(rec) = self.store.get(rel) {
@@ -212,15 +309,9 @@ impl Cache {
     }
 
     /// Drops every copy at or below `prefix` (a path renamed, replaced or removed on the NAS).
-    /// Returns how many were dropped.
+    /// Returns how many were dropped. Touches only the entries below `prefix`.
     pub fn discard_under(&self, prefix: &Path) -> usize {
-        let mut paths: Vec<PathBuf> = self
-            .store
-            .summaries()
-            .into_iter()
-            .map(|(p, ..)| p)
-            .filter(|p| p.starts_with(prefix))
-            .collect();
+        let mut paths = self.store.paths_under(prefix);
         paths.extend(
             self.live
                 .lock()

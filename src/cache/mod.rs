@@ -8,7 +8,7 @@ pub mod store;
 
 pub use chunks::ChunkMap;
 pub use file::{CacheFile, FetchError};
-pub use store::{EntryRecord, Store, StoreError};
+pub use store::{EntryRecord, Perms, Store, StoreError};
 pub mod live;
 pub mod space;
 pub use live::{Cache, Found};

@@ -131,7 +131,7 @@ impl Cache {
         }
     }
 
-    fn is_busy(&self, rel: &Path) -> bool {
+    pub(super) fn is_busy(&self, rel: &Path) -> bool {
         self.open.lock().contains_key(rel)
             || self
                 .live
@@ -152,8 +152,9 @@ impl Cache {
 
     fn evict(&self, rel: &Path, reason: &str) -> bool {
         let size = self.store.get(rel).map(|e| e.identity.size).unwrap_or(0);
-        match self.discard(rel) {
-            Ok(()) => {
+        match self.discard_if_idle(rel) {
+            Ok(false) => false, // opened since it was chosen
+            Ok(true) => {
                 Stats::add(&self.stats.evictions, 1);
                 self.stats.category(category_of(rel), |c| c.evictions += 1);
                 tracing::info!(path = %rel.display(), bytes = size, reason, "evicted cache copy");
@@ -308,6 +309,7 @@ mod tests {
                 },
                 map,
                 last_access: *atime,
+                perms: None,
             };
             store.put(Path::new(p), &rec).unwrap();
         }

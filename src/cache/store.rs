@@ -17,7 +17,7 @@
 //! Ownership: arenafs deletes only files inside `arenafs-v1/data/` whose names it generates, and
 //! only when the index does not reference them and their id was allocated by an earlier run.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::os::unix::ffi::OsStrExt;
@@ -34,7 +34,9 @@ use crate::source::Identity;
 /// Name of the versioned subdirectory of the cache dir.
 pub const SUBDIR: &str = "arenafs-v1";
 const FORMAT_TEXT: &str = "arenafs cache format 1\n";
-const RECORD_VERSION: u8 = 1;
+/// Version of an index record's encoding. Version 1 records (no owner and mode) are still read;
+/// every record written is of the current version.
+const RECORD_VERSION: u8 = 2;
 /// Entry ids are reserved in blocks, so that every id a crashed run may have used for a data file
 /// is below the persisted high-water mark and the next run can recognise its orphans.
 const ID_BLOCK: u64 = 1024;
@@ -43,6 +45,9 @@ const ENTRIES: TableDefinition<&[u8], &[u8]> = TableDefinition::new("entries");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 const META_NEXT_ID: &str = "next_id";
 const BLOBS: TableDefinition<&str, &[u8]> = TableDefinition::new("blobs");
+/// Owner and mode of the NAS directories above cached files: what an answer without the NAS
+/// serves for them.
+const DIRS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("dirs");
 
 /// Errors opening or using the cache store.
 #[derive(Debug, thiserror::Error)]
@@ -94,6 +99,55 @@ fn needs_reopen(e: &StoreError) -> bool {
     matches!(e, StoreError::Index(m) if m.contains("Previous I/O error") || m.starts_with("closed after"))
 }
 
+/// Owner, mode and NAS inode number of a NAS file or directory, as seen at its last check: what
+/// the mount answers for it when the NAS does not (offline, hung), so that such answers never
+/// give more access than the NAS does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Perms {
+    /// `st_mode` (type and permission bits).
+    pub mode: u32,
+    /// Owner.
+    pub uid: u32,
+    /// Group.
+    pub gid: u32,
+    /// NAS inode number (whatever the identity rule keeps).
+    pub ino: u64,
+}
+
+impl Perms {
+    /// From a NAS `stat`.
+    pub fn of(st: &nix::sys::stat::FileStat) -> Self {
+        Self {
+            mode: st.st_mode,
+            uid: st.st_uid,
+            gid: st.st_gid,
+            ino: st.st_ino,
+        }
+    }
+
+    const LEN: usize = 4 + 4 + 4 + 8;
+
+    fn encode_into(&self, out: &mut Vec<u8>) {
+        for v in [self.mode, self.uid, self.gid] {
+            out.extend_from_slice(&v.to_le_bytes());
+        }
+        out.extend_from_slice(&self.ino.to_le_bytes());
+    }
+
+    fn decode(b: &[u8]) -> Option<Self> {
+        if b.len() != Self::LEN {
+            return None;
+        }
+        let u = |i: usize| u32::from_le_bytes(b[i..i + 4].try_into().unwrap());
+        Some(Self {
+            mode: u(0),
+            uid: u(4),
+            gid: u(8),
+            ino: u64::from_le_bytes(b[12..20].try_into().unwrap()),
+        })
+    }
+}
+
 /// What the index knows about one cached NAS file.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct EntryRecord {
@@ -105,12 +159,18 @@ pub struct EntryRecord {
     pub map: ChunkMap,
     /// Last use, seconds since the epoch.
     pub last_access: u64,
+    /// Owner and mode of the NAS file at its last check (`None`: a record of version 1, not
+    /// seen on the NAS since).
+    pub perms: Option<Perms>,
 }
 
 impl EntryRecord {
+    /// Version 2: version, id, size, mtime ns, ino, chunk size, last access (u64 each), a perms
+    /// flag (u8) and, if set, mode, uid, gid (u32) and NAS inode (u64), then the chunk map as a
+    /// word count (u32) and its words (u64). Little endian.
     fn encode(&self) -> Vec<u8> {
         let words = self.map.words();
-        let mut out = Vec::with_capacity(1 + 8 * 7 + 4 + words.len() * 8);
+        let mut out = Vec::with_capacity(1 + 8 * 6 + 1 + Perms::LEN + 4 + words.len() * 8);
         out.push(RECORD_VERSION);
         for v in [
             self.id,
@@ -122,6 +182,13 @@ impl EntryRecord {
         ] {
             out.extend_from_slice(&v.to_le_bytes());
         }
+        match &self.perms {
+            Some(p) => {
+                out.push(1);
+                p.encode_into(&mut out);
+            }
+            None => out.push(0),
+        }
         out.extend_from_slice(&(words.len() as u32).to_le_bytes());
         for w in words {
             out.extend_from_slice(&w.to_le_bytes());
@@ -131,14 +198,26 @@ impl EntryRecord {
 
     fn decode(bytes: &[u8]) -> Option<Self> {
         let (&version, rest) = bytes.split_first()?;
-        if version != RECORD_VERSION || rest.len() < 6 * 8 + 4 {
+        if rest.len() < 6 * 8 {
             return None;
         }
         let u = |i: usize| u64::from_le_bytes(rest[i * 8..i * 8 + 8].try_into().unwrap());
         let (id, size, mtime_ns, ino, chunk_size, last_access) =
             (u(0), u(1), u(2), u(3), u(4), u(5));
-        let nwords = u32::from_le_bytes(rest[48..52].try_into().unwrap()) as usize;
-        let body = &rest[52..];
+        let (perms, tail) = match version {
+            1 => (None, &rest[48..]),
+            2 => match *rest.get(48)? {
+                0 => (None, &rest[49..]),
+                1 => {
+                    let p = Perms::decode(rest.get(49..49 + Perms::LEN)?)?;
+                    (Some(p), &rest[49 + Perms::LEN..])
+                }
+                _ => return None,
+            },
+            _ => return None,
+        };
+        let nwords = u32::from_le_bytes(tail.get(..4)?.try_into().unwrap()) as usize;
+        let body = &tail[4..];
         if body.len() != nwords.checked_mul(8)? {
             return None;
         }
@@ -155,6 +234,7 @@ impl EntryRecord {
             },
             map: ChunkMap::from_words(size, chunk_size, words)?,
             last_access,
+            perms,
         })
     }
 
@@ -170,7 +250,12 @@ pub struct Store {
     dir: PathBuf,
     /// The index; `None` only while a reopen after an I/O error has not succeeded yet.
     db: parking_lot::RwLock<Option<Database>>,
-    entries: Mutex<HashMap<PathBuf, EntryRecord>>,
+    /// Ordered by path (component-wise), so everything below a directory is one range.
+    entries: Mutex<BTreeMap<PathBuf, EntryRecord>>,
+    /// Owner and mode of directories above entries (see [`DIRS`]).
+    dirs: Mutex<BTreeMap<PathBuf, Perms>>,
+    /// Directories whose record changed since the last [`Store::flush_access`].
+    dirs_dirty: Mutex<BTreeSet<PathBuf>>,
     next_id: AtomicU64,
     reserved_until: Mutex<u64>,
     first_id_of_run: u64,
@@ -193,13 +278,15 @@ impl Store {
         check_format(&dir)?;
 
         let db = Database::create(dir.join("index.redb")).map_err(index_err)?;
-        let mut entries = HashMap::new();
+        let mut entries = BTreeMap::new();
+        let mut dirs = BTreeMap::new();
         let mut next_id = 1;
         {
             let txn = db.begin_write().map_err(index_err)?;
             txn.open_table(ENTRIES).map_err(index_err)?;
             txn.open_table(META).map_err(index_err)?;
             txn.open_table(BLOBS).map_err(index_err)?;
+            txn.open_table(DIRS).map_err(index_err)?;
             txn.commit().map_err(index_err)?;
         }
         let mut bad = Vec::new();
@@ -215,6 +302,13 @@ impl Store {
                         entries.insert(key, rec);
                     }
                     None => bad.push(k.value().to_vec()),
+                }
+            }
+            let table = txn.open_table(DIRS).map_err(index_err)?;
+            for item in table.iter().map_err(index_err)? {
+                let (k, v) = item.map_err(index_err)?;
+                if let Some(p) = Perms::decode(v.value()) {
+                    dirs.insert(PathBuf::from(std::ffi::OsStr::from_bytes(k.value())), p);
                 }
             }
             let meta = txn.open_table(META).map_err(index_err)?;
@@ -240,6 +334,8 @@ impl Store {
             dir,
             db: parking_lot::RwLock::new(Some(db)),
             entries: Mutex::new(entries),
+            dirs: Mutex::new(dirs),
+            dirs_dirty: Mutex::new(BTreeSet::new()),
             next_id: AtomicU64::new(next_id),
             reserved_until: Mutex::new(next_id),
             first_id_of_run: next_id,
@@ -339,6 +435,104 @@ impl Store {
             .collect()
     }
 
+    /// The entry id and recorded owner and mode of `rel`, if it is indexed (cheap: no record
+    /// is copied).
+    pub fn perms_of(&self, rel: &Path) -> Option<(u64, Option<Perms>)> {
+        self.entries.lock().get(rel).map(|e| (e.id, e.perms))
+    }
+
+    /// The paths indexed at or below `dir` (a point lookup and one ordered range).
+    pub fn paths_under(&self, dir: &Path) -> Vec<PathBuf> {
+        let entries = self.entries.lock();
+        range_under(&entries, dir).map(|(p, _)| p.clone()).collect()
+    }
+
+    /// Whether a complete copy lies strictly below `dir`.
+    pub fn complete_below(&self, dir: &Path) -> bool {
+        let entries = self.entries.lock();
+        range_under(&entries, dir).any(|(p, e)| p.as_path() != dir && e.is_complete())
+    }
+
+    /// The names directly in `dir` that lead to complete copies: a file (its record) or a
+    /// directory above one (`None`).
+    pub fn complete_children(
+        &self,
+        dir: &Path,
+    ) -> BTreeMap<std::ffi::OsString, Option<EntryRecord>> {
+        let entries = self.entries.lock();
+        let mut out = BTreeMap::new();
+        for (p, e) in range_under(&entries, dir).filter(|(_, e)| e.is_complete()) {
+            let Ok(rest) = p.strip_prefix(dir) else {
+                continue;
+            };
+            let mut comps = rest.components();
+            let Some(std::path::Component::Normal(first)) = comps.next() else {
+                continue;
+            };
+            let leaf = comps.next().is_none();
+            out.entry(first.to_os_string())
+                .or_insert_with(|| leaf.then(|| e.clone()));
+        }
+        out
+    }
+
+    /// Records the owner and mode of the NAS file of entry `id` at `rel` when they changed
+    /// (durably: what answers without the NAS serve).
+    pub fn set_perms(&self, rel: &Path, id: u64, perms: Perms) -> Result<(), StoreError> {
+        let rec = {
+            let entries = self.entries.lock();
+            match entries.get(rel) {
+                Some(e) if e.id == id && e.perms != Some(perms) => EntryRecord {
+                    perms: Some(perms),
+                    ..e.clone()
+                },
+                _ => return Ok(()),
+            }
+        };
+        // Only entries still indexed with the same id: a removal in between wins.
+        self.write_txn(|txn| {
+            let mut table = txn.open_table(ENTRIES).map_err(index_err)?;
+            let key = rel.as_os_str().as_bytes();
+            let current = table
+                .get(key)
+                .map_err(index_err)?
+                .and_then(|v| EntryRecord::decode(v.value()));
+            if let Some(mut cur) = current
+                && cur.id == id
+            {
+                cur.perms = Some(perms);
+                table
+                    .insert(key, cur.encode().as_slice())
+                    .map_err(index_err)?;
+            }
+            Ok(())
+        })?;
+        if let Some(e) = self.entries.lock().get_mut(rel)
+            && e.id == id
+        {
+            e.perms = rec.perms;
+        }
+        Ok(())
+    }
+
+    /// The recorded owner and mode of NAS directory `rel`.
+    pub fn dir_perms(&self, rel: &Path) -> Option<Perms> {
+        self.dirs.lock().get(rel).copied()
+    }
+
+    /// Notes the owner and mode of NAS directory `rel`, when something is cached below it
+    /// (made durable by [`Store::flush_access`]).
+    pub fn note_dir(&self, rel: &Path, perms: Perms) {
+        if self.dirs.lock().get(rel) == Some(&perms) {
+            return;
+        }
+        if range_under(&self.entries.lock(), rel).next().is_none() {
+            return;
+        }
+        self.dirs.lock().insert(rel.to_path_buf(), perms);
+        self.dirs_dirty.lock().insert(rel.to_path_buf());
+    }
+
     /// Records a use of `rel` (in memory; made durable by [`Store::flush_access`]).
     pub fn touch(&self, rel: &Path, now: u64) {
         if let Some(e) = self.entries.lock().get_mut(rel) {
@@ -349,6 +543,7 @@ impl Store {
 
     /// Writes the access times recorded by [`Store::touch`] in one transaction.
     pub fn flush_access(&self) -> Result<usize, StoreError> {
+        self.flush_dirs()?;
         let touched: Vec<PathBuf> = self.touched.lock().drain().collect();
         if touched.is_empty() {
             return Ok(0);
@@ -381,6 +576,32 @@ impl Store {
             Ok(())
         })?;
         Ok(records.len())
+    }
+
+    /// Writes the directory records noted since the last call in one transaction.
+    fn flush_dirs(&self) -> Result<(), StoreError> {
+        let dirty = std::mem::take(&mut *self.dirs_dirty.lock());
+        if dirty.is_empty() {
+            return Ok(());
+        }
+        let records: Vec<(PathBuf, Perms)> = {
+            let dirs = self.dirs.lock();
+            dirty
+                .into_iter()
+                .filter_map(|p| dirs.get(&p).map(|d| (p, *d)))
+                .collect()
+        };
+        self.write_txn(|txn| {
+            let mut table = txn.open_table(DIRS).map_err(index_err)?;
+            for (p, d) in &records {
+                let mut v = Vec::with_capacity(Perms::LEN);
+                d.encode_into(&mut v);
+                table
+                    .insert(p.as_os_str().as_bytes(), v.as_slice())
+                    .map_err(index_err)?;
+            }
+            Ok(())
+        })
     }
 
     /// A value persisted across runs (e.g. statistics totals).
@@ -541,6 +762,17 @@ impl Store {
     }
 }
 
+/// The entries at or below `dir`, in order.
+fn range_under<'a>(
+    entries: &'a BTreeMap<PathBuf, EntryRecord>,
+    dir: &'a Path,
+) -> impl Iterator<Item = (&'a PathBuf, &'a EntryRecord)> + 'a {
+    use std::ops::Bound;
+    entries
+        .range::<Path, _>((Bound::Included(dir), Bound::Unbounded))
+        .take_while(move |(p, _)| p.starts_with(dir))
+}
+
 fn parse_data_name(name: &[u8]) -> Option<u64> {
     let hex = name.strip_suffix(b".dat")?;
     if hex.len() != 16 || !hex.iter().all(|c| matches!(c, b'0'..=b'9' | b'a'..=b'f')) {
@@ -638,23 +870,65 @@ mod tests {
             },
             map,
             last_access: 123,
+            perms: None,
         }
     }
 
+    /// The whole encoding of a record: changing it needs a new `RECORD_VERSION` that still
+    /// reads the old ones (or a new `SUBDIR`).
     #[test]
     fn record_roundtrip_and_golden_bytes() {
-        let r = rec(9, 10);
+        let mut r = rec(9, 10);
+        r.perms = Some(Perms {
+            mode: 0o100640,
+            uid: 1000,
+            gid: 1001,
+            ino: 77,
+        });
         let bytes = r.encode();
-        assert_eq!(EntryRecord::decode(&bytes), Some(r));
-        // Golden prefix: changing the encoding needs a new RECORD_VERSION and SUBDIR.
-        assert_eq!(&bytes[..9], &[1, 9, 0, 0, 0, 0, 0, 0, 0]);
-        assert_eq!(bytes.len(), 1 + 48 + 4 + 8);
+        let golden: Vec<u8> = [
+            &[2u8][..],                                        // version
+            &[9, 0, 0, 0, 0, 0, 0, 0],                         // id
+            &[10, 0, 0, 0, 0, 0, 0, 0],                        // size
+            &[0xfb, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff], // mtime ns (-5)
+            &[77, 0, 0, 0, 0, 0, 0, 0],                        // identity inode
+            &[4, 0, 0, 0, 0, 0, 0, 0],                         // chunk size
+            &[123, 0, 0, 0, 0, 0, 0, 0],                       // last access
+            &[1],                                              // perms present
+            &[0xa0, 0x81, 0, 0],                               // mode 0o100640
+            &[0xe8, 3, 0, 0],                                  // uid 1000
+            &[0xe9, 3, 0, 0],                                  // gid 1001
+            &[77, 0, 0, 0, 0, 0, 0, 0],                        // NAS inode
+            &[1, 0, 0, 0],                                     // map words
+            &[1, 0, 0, 0, 0, 0, 0, 0],                         // chunk 0 present
+        ]
+        .concat();
+        assert_eq!(bytes, golden);
+        assert_eq!(EntryRecord::decode(&bytes), Some(r.clone()));
         for cut in 0..bytes.len() {
             assert!(EntryRecord::decode(&bytes[..cut]).is_none(), "cut {cut}");
         }
         let mut wrong = bytes.clone();
-        wrong[0] = 2;
+        wrong[0] = 3;
         assert!(EntryRecord::decode(&wrong).is_none());
+        let mut wrong = bytes.clone();
+        wrong[49] = 2; // neither absent nor present
+        assert!(EntryRecord::decode(&wrong).is_none());
+
+        // Without perms: the flag is 0 and nothing follows it but the map.
+        r.perms = None;
+        let bytes = r.encode();
+        let mut golden_none = golden[..49].to_vec();
+        golden_none.push(0);
+        golden_none.extend_from_slice(&golden[70..]);
+        assert_eq!(bytes, golden_none);
+        assert_eq!(EntryRecord::decode(&bytes), Some(r.clone()));
+
+        // A version 1 record (before perms) still reads, as a record without perms.
+        let mut v1 = golden[..49].to_vec();
+        v1[0] = 1;
+        v1.extend_from_slice(&golden[70..]);
+        assert_eq!(EntryRecord::decode(&v1), Some(r));
     }
 
     #[test]

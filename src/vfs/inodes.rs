@@ -10,6 +10,7 @@ use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
 use std::path::{Path, PathBuf};
 
+use super::iomode::InodeIo;
 use crate::source::Identity;
 
 /// FUSE's root inode number.
@@ -30,30 +31,6 @@ pub fn ino_for(root_dev: u64, root_ino: u64, dev: u64, ino: u64) -> u64 {
     h.finish() | (1 << 63)
 }
 
-/// How the open handles of one inode read (the kernel requires one mode per inode for
-/// passthrough: all passthrough with one backing file, or none).
-#[derive(Debug, Default)]
-pub enum IoMode {
-    /// No handle that counts is open.
-    #[default]
-    Idle,
-    /// Handles use kernel passthrough to one backing file: the SSD copy (readers), or the NAS
-    /// file itself (`nas`: a writer is or was open).
-    Passthrough {
-        /// The backing id all handles of the inode share.
-        backing: std::sync::Weak<fuser::BackingId>,
-        /// Whether the backing file is the NAS file (else the SSD copy).
-        nas: bool,
-        /// Whether the backing file was opened for reading too.
-        readable: bool,
-        /// For an SSD copy: the NAS file's identity it holds (a new open may share the
-        /// backing file only while the NAS file still has it, under whatever name).
-        identity: Option<Identity>,
-    },
-    /// Handles read through the daemon (page-cache I/O).
-    Cached,
-}
-
 /// One known inode.
 #[derive(Debug)]
 pub struct Node {
@@ -61,18 +38,14 @@ pub struct Node {
     pub rel: PathBuf,
     /// Kernel lookup count.
     pub nlookup: u64,
-    /// Open handles that count towards `mode`.
-    pub open: u32,
-    /// How those handles read.
-    pub mode: IoMode,
+    /// The I/O mode of its open handles.
+    pub io: InodeIo<fuser::BackingId>,
     /// Identity of the file at the last open: when it is unchanged, the kernel may keep its page
     /// cache for the inode (`FOPEN_KEEP_CACHE`).
     pub last_identity: Option<Identity>,
     /// For a directory: its mtime (s, ns) when it was last opened, to let the kernel keep its
     /// cached listing while the directory is unchanged.
     pub dir_mtime: Option<(i64, i64)>,
-    /// Handles open for writing.
-    pub writers: u32,
     /// Set when the file's content changes through the mount: handles that read a cache copy
     /// read the NAS from then on. Replaced by a fresh flag once no writer is left, so later
     /// handles are not affected.
@@ -86,11 +59,9 @@ impl Node {
         Self {
             rel,
             nlookup: 0,
-            open: 0,
-            mode: IoMode::Idle,
+            io: InodeIo::default(),
             last_identity: None,
             dir_mtime: None,
-            writers: 0,
             stale: Default::default(),
             gone: false,
         }
@@ -157,7 +128,7 @@ impl Inodes {
         }
         if let Some(node) = self.nodes.get_mut(&ino) {
             node.nlookup = node.nlookup.saturating_sub(n);
-            if node.nlookup == 0 && node.open == 0 {
+            if node.nlookup == 0 && node.io.open() == 0 {
                 self.nodes.remove(&ino);
             }
         }
@@ -219,10 +190,10 @@ mod tests {
         assert_eq!(t.path(10).unwrap(), Path::new("a/b"));
         t.forget(10, 1);
         assert!(t.path(10).is_some());
-        t.get_mut(10).unwrap().open = 1;
+        t.get_mut(10).unwrap().io.joined_daemon();
         t.forget(10, 1);
         assert!(t.path(10).is_some(), "open inodes stay");
-        t.get_mut(10).unwrap().open = 0;
+        t.get_mut(10).unwrap().io.released(false);
         t.remember(10, Path::new("a/c"));
         assert_eq!(t.path(10).unwrap(), Path::new("a/c"));
         t.forget(10, 1);

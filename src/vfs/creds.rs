@@ -108,23 +108,38 @@ pub fn switch(caller: &Caller) -> io::Result<Switched> {
         caller.groups.clone()
     };
     setgroups(&groups)?;
-    // SAFETY: per-thread identity changes; the previous values are restored on drop.
-    unsafe {
-        libc::setfsgid(caller.gid);
-        libc::setfsuid(caller.uid);
-    }
-    Ok(Switched {
+    let switched = Switched {
         restore: Some((uid, gid, saved)),
-    })
+    };
+    // From here on, dropping `switched` restores the daemon's identity, also on failure.
+    set_fs_ids(caller.uid, caller.gid)?;
+    Ok(switched)
+}
+
+/// Sets this thread's file-system ids and checks that they took: `setfsuid`/`setfsgid` return
+/// the previous id whether or not they succeeded, so the result is read back with an invalid
+/// id (-1), which changes nothing.
+fn set_fs_ids(uid: u32, gid: u32) -> io::Result<()> {
+    // SAFETY: per-thread identity changes and reads.
+    let (now_gid, now_uid) = unsafe {
+        libc::setfsgid(gid);
+        libc::setfsuid(uid);
+        (libc::setfsgid(u32::MAX), libc::setfsuid(u32::MAX))
+    };
+    if (now_uid as u32, now_gid as u32) != (uid, gid) {
+        return Err(io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            format!("could not switch to uid {uid} gid {gid} (still uid {now_uid} gid {now_gid})"),
+        ));
+    }
+    Ok(())
 }
 
 impl Drop for Switched {
     fn drop(&mut self) {
         if let Some((uid, gid, groups)) = self.restore.take() {
-            // SAFETY: restores this thread's identity.
-            unsafe {
-                libc::setfsuid(uid);
-                libc::setfsgid(gid);
+            if let Err(e) = set_fs_ids(uid, gid) {
+                tracing::error!(error = %e, "could not restore the daemon's identity");
             }
             if let Err(e) = setgroups(&groups) {
                 tracing::error!(error = %e, "could not restore the daemon's groups");
@@ -150,9 +165,23 @@ mod tests {
         assert!(Caller::of(1, 2, u32::MAX).groups.is_empty());
     }
 
+    /// Whether the root-only tests can run; under `CI=true` they must.
+    fn root() -> bool {
+        let root = nix::unistd::geteuid().is_root();
+        if !root {
+            assert_ne!(
+                std::env::var("CI").as_deref(),
+                Ok("true"),
+                "this test needs root, and CI runs as root"
+            );
+            eprintln!("skipping: needs root");
+        }
+        root
+    }
+
     #[test]
     fn switching_changes_only_this_thread() {
-        if !nix::unistd::geteuid().is_root() {
+        if !root() {
             return;
         }
         let dir = tempfile::tempdir().unwrap();
@@ -180,5 +209,70 @@ mod tests {
         let q = dir.path().join("made-by-root");
         std::fs::write(&q, b"y").unwrap();
         assert_eq!(std::fs::metadata(&q).unwrap().uid(), 0);
+    }
+}
+
+#[cfg(test)]
+mod switch_failure {
+    use super::*;
+
+    /// A switch the kernel refuses is an error, not a silent "still root". Without
+    /// CAP_SETUID/CAP_SETGID a thread can only switch to its own ids, so a thread that dropped
+    /// them (by switching to nobody first) cannot switch to another user.
+    #[test]
+    fn a_refused_switch_is_an_error() {
+        if !tests_root() {
+            return;
+        }
+        std::thread::spawn(|| {
+            let _nobody = switch(&Caller::fixed(65534, 65534)).unwrap();
+            // The fs ids are nobody's now, but the thread keeps its capabilities: to see a
+            // refusal, drop CAP_SETUID/CAP_SETGID from this thread's effective set.
+            caps_drop_setid();
+            let err = set_fs_ids(1234, 1234).unwrap_err();
+            assert_eq!(err.kind(), io::ErrorKind::PermissionDenied, "{err}");
+        })
+        .join()
+        .unwrap();
+    }
+
+    fn tests_root() -> bool {
+        let root = nix::unistd::geteuid().is_root();
+        if !root {
+            assert_ne!(std::env::var("CI").as_deref(), Ok("true"), "needs root");
+        }
+        root
+    }
+
+    /// Clears CAP_SETUID and CAP_SETGID from this thread's effective set (capset(2) acts on
+    /// the calling thread).
+    fn caps_drop_setid() {
+        #[repr(C)]
+        struct Header {
+            version: u32,
+            pid: i32,
+        }
+        #[repr(C)]
+        #[derive(Clone, Copy, Default)]
+        struct Data {
+            effective: u32,
+            permitted: u32,
+            inheritable: u32,
+        }
+        const V3: u32 = 0x2008_0522;
+        let mut h = Header {
+            version: V3,
+            pid: 0,
+        };
+        let mut d = [Data::default(); 2];
+        // SAFETY: capget/capset with a v3 header and two data structs, as the ABI asks.
+        unsafe {
+            assert_eq!(libc::syscall(libc::SYS_capget, &mut h, d.as_mut_ptr()), 0);
+            // capability(7): CAP_SETGID is 6, CAP_SETUID is 7.
+            let clear = !((1u32 << 7) | (1u32 << 6));
+            d[0].effective &= clear;
+            h.version = V3;
+            assert_eq!(libc::syscall(libc::SYS_capset, &h, d.as_ptr()), 0);
+        }
     }
 }
