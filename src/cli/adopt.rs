@@ -57,12 +57,16 @@ pub(crate) fn adopt(a: AdoptArgs) -> Result<()> {
             .unwrap_or_default();
         println!("{:15} {}{to}", i.outcome, i.old.display());
     }
+    let how = if a.dry_run {
+        String::new()
+    } else {
+        format!(": {} reflinked, {} copied", report.reflinked, report.copied)
+    };
     println!(
-        "{} {} copies ({}), {} hard-linked; the old files are left in place",
+        "{} {} copies ({}){how}; the old files are left in place",
         if a.dry_run { "would adopt" } else { "adopted" },
         report.adopted,
         arenafs::ctl::human_bytes(report.adopted_bytes),
-        report.linked
     );
     Ok(())
 }

@@ -34,8 +34,8 @@ pub(crate) enum Command {
     /// Re-read the env file now (it is also re-read when it changes).
     Reload(Target),
     /// Take over the copies of the Python Arena AutoCache node (`<root>/<category>/<file>`)
-    /// that match the NAS, without copying them again. Run it while the cache is not mounted
-    /// (or mount with -o adopt=DIR).
+    /// that match the NAS, without reading them from the NAS again (reflinked or copied into
+    /// the cache). Run it while the cache is not mounted (or mount with -o adopt=DIR).
     Adopt(AdoptArgs),
     /// Unmount an arenafs mount (the daemon then exits).
     Unmount {
@@ -248,7 +248,8 @@ pub(crate) struct AdoptArgs {
     /// The env file with the settings.
     #[arg(long)]
     pub(crate) env: Option<PathBuf>,
-    /// Compare contents (SHA-256, reads both files) instead of trusting size and mtime.
+    /// Compare all the bytes (SHA-256), whatever the mtime, instead of size, mtime and a sample
+    /// of the bytes.
     #[arg(long)]
     pub(crate) verify: bool,
     /// Only say what would be adopted.
