@@ -75,7 +75,8 @@ pub fn run(
                 from = %old.display(),
                 adopted = r.adopted,
                 bytes = r.adopted_bytes,
-                linked = r.linked,
+                reflinked = r.reflinked,
+                copied = r.copied,
                 looked_at = r.items.len(),
                 "adopted the Arena AutoCache node's copies"
             ),

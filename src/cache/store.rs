@@ -80,23 +80,30 @@ pub enum StoreError {
     },
     /// The index database failed.
     #[error("cache index: {0}")]
-    Index(String),
+    Index(redb::Error),
+    /// The index was closed after an I/O error and its reopening has not succeeded yet.
+    #[error("cache index: closed after an I/O error; reopening")]
+    Closed,
     /// An I/O error on a data file.
     #[error(transparent)]
     Io(#[from] io::Error),
 }
 
-fn index_err(e: impl std::fmt::Display) -> StoreError {
-    StoreError::Index(e.to_string())
+/// Keeps redb's error typed (each of its error types converts into [`redb::Error`]).
+fn index_err(e: impl Into<redb::Error>) -> StoreError {
+    StoreError::Index(e.into())
 }
 
 fn closed() -> StoreError {
-    StoreError::Index("closed after an I/O error; reopening".into())
+    StoreError::Closed
 }
 
 /// Whether redb refuses to go on with this handle (an earlier I/O error) or it is closed.
 fn needs_reopen(e: &StoreError) -> bool {
-    matches!(e, StoreError::Index(m) if m.contains("Previous I/O error") || m.starts_with("closed after"))
+    matches!(
+        e,
+        StoreError::Index(redb::Error::PreviousIo) | StoreError::Closed
+    )
 }
 
 /// Owner, mode and NAS inode number of a NAS file or directory, as seen at its last check: what
@@ -1012,6 +1019,41 @@ mod tests {
         assert!(foreign.exists());
         assert!(outside.exists());
         assert!(store.data_path(fresh).exists());
+    }
+
+    /// After an I/O error redb answers `PreviousIo` to every later call on the handle, whichever
+    /// of its error types carries it; only that (and a closed index) asks for a reopen, whatever
+    /// the text of other errors says.
+    #[test]
+    fn a_previous_io_error_asks_for_a_reopen_and_nothing_else_does() {
+        use redb::{CommitError, DatabaseError, StorageError, TableError, TransactionError};
+        assert!(needs_reopen(&closed()));
+        assert!(needs_reopen(&index_err(StorageError::PreviousIo)));
+        assert!(needs_reopen(&index_err(TransactionError::Storage(
+            StorageError::PreviousIo
+        ))));
+        assert!(needs_reopen(&index_err(TableError::Storage(
+            StorageError::PreviousIo
+        ))));
+        assert!(needs_reopen(&index_err(CommitError::Storage(
+            StorageError::PreviousIo
+        ))));
+        assert!(needs_reopen(&index_err(DatabaseError::Storage(
+            StorageError::PreviousIo
+        ))));
+
+        // The failing write itself: an I/O error, whose message may say anything (a path, an
+        // error text of the file system).
+        let io = |m: &str| index_err(StorageError::Io(io::Error::other(m.to_string())));
+        assert!(!needs_reopen(&io("No space left on device")));
+        assert!(!needs_reopen(&io("Previous I/O error in /ssd/cache")));
+        assert!(!needs_reopen(&index_err(StorageError::Corrupted(
+            "Previous I/O error occurred".into()
+        ))));
+        assert!(!needs_reopen(&index_err(CommitError::TransactionPoisoned)));
+        assert!(!needs_reopen(&StoreError::Io(io::Error::other(
+            "closed after an I/O error"
+        ))));
     }
 
     #[test]

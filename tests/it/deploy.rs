@@ -11,6 +11,8 @@
 //! `systemd/arenafs@.service`, their specifiers expanded for a temporary mount point, the daemon
 //! is given `NOTIFY_SOCKET` (a datagram socket of the test) and the unit's capability bounding set
 //! (`setpriv`), and the test listens for `READY=1`, `RELOADING=1` and `STOPPING=1`.
+//!
+//! The scripts: `scripts/mount` installs only what running needs.
 
 use std::fs;
 use std::io::Write;
@@ -753,4 +755,86 @@ fn units_pass_systemd_analyze_verify() {
         ),
         "/mnt/nas/models"
     );
+}
+
+/// The scripts of `scripts/` that `script` runs: a script is run by its path
+/// (`scripts/NAME`, `"$(dirname "$0")/NAME"`); comment lines do not count.
+fn scripts_run_by(script: &str, all: &[String]) -> Vec<String> {
+    let code: String = read_repo_file(&format!("scripts/{script}"))
+        .lines()
+        .filter(|l| !l.trim_start().starts_with('#'))
+        .collect::<Vec<_>>()
+        .join("\n");
+    let is_name_char = |c: char| c.is_ascii_alphanumeric() || c == '-' || c == '_';
+    all.iter()
+        .filter(|name| {
+            let needle = format!("/{name}");
+            code.match_indices(&needle).any(|(at, _)| {
+                !code[at + needle.len()..]
+                    .chars()
+                    .next()
+                    .is_some_and(is_name_char)
+            })
+        })
+        .cloned()
+        .collect()
+}
+
+/// The README's first command, `scripts/mount`, installs what running needs (fuse3, through
+/// scripts/install-run-deps) and none of the test or packaging tools, which take minutes to
+/// build: neither it nor a script it runs reaches scripts/install-deps, pjdfstest, cargo-deb,
+/// pip or the venv. Every shell script also passes `bash -n`.
+#[test]
+fn the_mount_script_installs_only_what_running_needs() {
+    let mut all: Vec<String> = fs::read_dir(repo_file("scripts"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    all.sort();
+    for name in &all {
+        if read_repo_file(&format!("scripts/{name}")).starts_with("#!/usr/bin/env bash") {
+            let out = Command::new("bash")
+                .arg("-n")
+                .arg(repo_file(&format!("scripts/{name}")))
+                .output()
+                .unwrap();
+            check(&out, &format!("bash -n scripts/{name}"));
+        }
+    }
+    let mut reached = vec!["mount".to_string()];
+    let mut next = 0;
+    while next < reached.len() {
+        for called in scripts_run_by(&reached[next], &all) {
+            if !reached.contains(&called) {
+                reached.push(called);
+            }
+        }
+        next += 1;
+    }
+    assert!(
+        reached.contains(&"install-run-deps".to_string()),
+        "scripts/mount installs fuse3: {reached:?}"
+    );
+    for test_only in ["install-deps", "install-cargo-deb"] {
+        assert!(
+            !reached.contains(&test_only.to_string()),
+            "scripts/mount reaches scripts/{test_only}: {reached:?}"
+        );
+    }
+    for script in &reached {
+        let text = read_repo_file(&format!("scripts/{script}"));
+        for tool in [
+            "pjdfstest",
+            "cargo install",
+            "cargo deb",
+            "pip install",
+            "bin/pip",
+            "venv",
+        ] {
+            assert!(
+                !text.contains(tool),
+                "scripts/{script}, run by scripts/mount, mentions {tool}"
+            );
+        }
+    }
 }

@@ -303,13 +303,18 @@ pub struct LoopNas {
 }
 
 impl LoopNas {
-    /// Creates a `size_mb` image, attaches and mounts it at `dir` (which must exist).
+    /// Creates a `size_mb` ext4 image, attaches and mounts it at `dir` (which must exist).
     pub fn new(image: &Path, dir: &Path, size_mb: u64) -> Self {
+        Self::formatted(image, dir, size_mb, &["mkfs.ext4", "-q", "-F"])
+    }
+
+    /// [`LoopNas::new`] with another file system: `mkfs` is its command line, the image appended.
+    pub fn formatted(image: &Path, dir: &Path, size_mb: u64, mkfs: &[&str]) -> Self {
         run(Command::new("truncate")
             .arg("-s")
             .arg(format!("{size_mb}M"))
             .arg(image));
-        run(Command::new("mkfs.ext4").args(["-q", "-F"]).arg(image));
+        run(Command::new(mkfs[0]).args(&mkfs[1..]).arg(image));
         let dev = run(Command::new("losetup")
             .args(["--find", "--show", "--direct-io=on"])
             .arg(image));
