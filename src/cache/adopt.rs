@@ -345,7 +345,8 @@ fn take(
     drop(data);
     let kept = match made {
         Ok(t @ (Taken::Reflinked | Taken::Copied)) => {
-            record(store, chunk_size, target, id, identity)
+            let perms = nas.stat(target).ok().map(|st| super::Perms::of(&st));
+            record(store, chunk_size, target, id, identity, perms)
                 .map(|()| t)
                 .map_err(io::Error::other)
         }
@@ -403,6 +404,7 @@ fn record(
     target: &Path,
     id: u64,
     identity: Identity,
+    perms: Option<super::Perms>,
 ) -> Result<(), super::StoreError> {
     let mut map = ChunkMap::new(identity.size, chunk_size);
     for c in 0..map.chunk_count() {
@@ -413,7 +415,7 @@ fn record(
         identity,
         map,
         last_access: super::live::now_secs(),
-        perms: Some(super::Perms::of(&st)),
+        perms,
     };
     if let Some(prev) = store.get(target) {
         store.remove(target, prev.id)?;
