@@ -498,6 +498,11 @@ impl Worker {
         self.state.lock().queue.len()
     }
 
+    /// Whether the worker still dispatches copies (it has not been stopped).
+    pub fn is_running(&self) -> bool {
+        !self.stopped.load(Ordering::Acquire)
+    }
+
     /// Stops dispatching; running copies stop at the next chunk. Waits for them.
     pub fn stop(&self) {
         {

@@ -27,6 +27,9 @@ use crate::stats::{StatsSnapshot, Totals};
 use crate::worker::{JobInfo, Outcome, Planned, Reason};
 use crate::workflow::{ModelStatus, WorkflowError};
 
+/// The `status` of every successful answer, as the original node's clients expect.
+pub const SUCCESS: &str = "success";
+
 /// Runs `f` on the blocking pool.
 async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> T + Send + 'static,
@@ -144,6 +147,16 @@ pub struct AutopatchStatus {
     pub copying: usize,
     /// When the set was sent (seconds since the epoch).
     pub started_at: Option<u64>,
+    /// The original's key: a required set was started and not stopped.
+    pub started: bool,
+    /// The original's key: model loads go through the cache. Always true while the daemon
+    /// answers: the mount takes the place of the node's patch of ComfyUI's model paths.
+    pub patched: bool,
+    /// The original's key: the copy worker runs (the daemon is not stopping and caching is not
+    /// off).
+    pub copy_worker_running: bool,
+    /// The original's key: the settings were loaded (always true once the daemon answers).
+    pub settings_initialized: bool,
 }
 
 fn autopatch_status(s: &Shared) -> AutopatchStatus {
@@ -176,13 +189,17 @@ fn autopatch_status(s: &Shared) -> AutopatchStatus {
         complete,
         copying,
         started_at: ap.started_at,
+        started: ap.started_at.is_some() && ap.stopped_at.is_none(),
+        patched: true,
+        copy_worker_running: s.worker.is_running() && s.live.settings().state() != CacheState::Gray,
+        settings_initialized: true,
     }
 }
 
 /// `GET /arena/status`.
 #[derive(Debug, Serialize)]
 pub struct Status {
-    /// Always "ok" when the daemon answers.
+    /// Always "success" when the daemon answers.
     pub status: &'static str,
     /// The daemon's version.
     pub version: &'static str,
@@ -251,7 +268,7 @@ pub(super) async fn status(State(s): State<Shared>) -> Result<Json<Status>, ApiE
     let settings = s.live.settings();
     let stats = s.stats.snapshot();
     Ok(Json(Status {
-        status: "ok",
+        status: SUCCESS,
         version: env!("CARGO_PKG_VERSION"),
         enabled: settings.enabled,
         cache_state: settings.state(),
@@ -285,6 +302,8 @@ pub(super) async fn status(State(s): State<Shared>) -> Result<Json<Status>, ApiE
 /// `GET /arena/stats`: counters since start (flat, per category) and totals over all runs.
 #[derive(Debug, Serialize)]
 pub struct StatsReport {
+    /// Always "success".
+    pub status: &'static str,
     /// Counters since this daemon started.
     #[serde(flatten)]
     pub since_start: StatsSnapshot,
@@ -297,6 +316,7 @@ pub struct StatsReport {
 pub(super) async fn stats(State(s): State<Shared>) -> Json<StatsReport> {
     let now = s.stats.since_start();
     Json(StatsReport {
+        status: SUCCESS,
         since_start: now.overall,
         categories: now.categories,
         totals: s.stats.totals(),
@@ -307,7 +327,7 @@ pub(super) async fn jobs(State(s): State<Shared>) -> Json<Value> {
     let jobs = s.worker.jobs();
     let running = jobs.iter().filter(|j| j.state == "running").count();
     Json(json!({
-        "status": "ok",
+        "status": SUCCESS,
         "running": running,
         "queue_length": s.worker.queue_len(),
         "jobs": jobs,
@@ -466,7 +486,7 @@ pub(super) async fn resolve(
         fits_free_space: usage.fits(to_fetch),
     };
     Ok(Json(json!({
-        "status": "ok",
+        "status": SUCCESS,
         "dry_run": true,
         "cache_state": settings.state(),
         "models": models,
@@ -497,7 +517,7 @@ pub(super) async fn prefetch(
     let models = plan_answers(&named, &planned);
     let queued = models.iter().filter(|m| m.reason == "queued").count();
     Ok(Json(json!({
-        "status": "ok",
+        "status": SUCCESS,
         "queued": queued,
         "bytes_to_fetch": planned.iter().map(Planned::to_fetch).sum::<u64>(),
         "models": models,
@@ -537,7 +557,7 @@ pub(super) async fn autopatch(
             .await?;
             tracing::info!(cancelled, "required set stopped");
             Ok(Json(
-                json!({"status": "ok", "action": "stop", "cancelled": cancelled}),
+                json!({"status": SUCCESS, "action": "stop", "cancelled": cancelled}),
             ))
         }
         other => Err(ApiError::bad_request(format!(
@@ -559,7 +579,7 @@ async fn autopatch_start(s: Shared, refs: Vec<RefJson>) -> Result<Json<Value>, A
     let queued = models.iter().filter(|m| m.reason == "queued").count();
     let not_found = models.iter().filter(|m| m.status == "not_found").count();
     Ok(Json(json!({
-        "status": "ok",
+        "status": SUCCESS,
         "action": "start",
         "required_models_count": models.len(),
         "queued": queued,
@@ -746,7 +766,7 @@ pub(super) async fn workflow(
     .await??;
     let mut answer =
         serde_json::to_value(&report).map_err(|e| ApiError::internal(e.to_string()))?;
-    answer["status"] = json!("ok");
+    answer["status"] = json!(SUCCESS);
     answer["action"] = json!(if prefetch { "prefetch" } else { "resolve" });
     if let Some(planned) = planned {
         answer["queued"] = json!(
@@ -780,10 +800,20 @@ pub struct TrimBody {
     pub dry_run: bool,
 }
 
+/// The answer of `/arena/trim`.
+#[derive(Debug, Serialize)]
+pub struct TrimAnswer {
+    /// Always "success".
+    pub status: &'static str,
+    /// What was (or would be) removed.
+    #[serde(flatten)]
+    pub report: TrimReport,
+}
+
 pub(super) async fn trim(
     State(s): State<Shared>,
     Body(body): Body<TrimBody>,
-) -> Result<Json<TrimReport>, ApiError> {
+) -> Result<Json<TrimAnswer>, ApiError> {
     if body.to_bytes.is_none()
         && body.older_than_secs.is_none()
         && body.category.is_none()
@@ -851,14 +881,17 @@ pub(super) async fn trim(
         dry_run = report.dry_run,
         "trim"
     );
-    Ok(Json(report))
+    Ok(Json(TrimAnswer {
+        status: SUCCESS,
+        report,
+    }))
 }
 
 pub(super) async fn reload(State(s): State<Shared>) -> Result<Json<Value>, ApiError> {
     let sh = s.clone();
     let result = blocking(move || sh.reloader.lock().reload()).await?;
     match result {
-        Ok(changed) => Ok(Json(json!({"status": "ok", "changed": changed}))),
+        Ok(changed) => Ok(Json(json!({"status": SUCCESS, "changed": changed}))),
         Err(e @ ReloadError::NoEnv) => {
             Err(ApiError::new(StatusCode::CONFLICT, "NO_ENV", e.to_string()))
         }

@@ -92,7 +92,7 @@ fn status_resolve_and_the_cli_summary() {
 
     let st = m.status();
     for (k, v) in [
-        ("status", json!("ok")),
+        ("status", json!("success")),
         ("enabled", json!(true)),
         ("cache_state", json!("red")),
         ("discovery_mode", json!("workflow_only")),
@@ -178,7 +178,10 @@ fn status_resolve_and_the_cli_summary() {
     assert!(out.contains("1 complete"), "{out}");
     let (code, out, _) = cli(&["status", "--json", "--socket", sock(&m)]);
     assert_eq!(code, 0);
-    assert_eq!(serde_json::from_str::<Value>(&out).unwrap()["status"], "ok");
+    assert_eq!(
+        serde_json::from_str::<Value>(&out).unwrap()["status"],
+        "success"
+    );
     let (code, out, _) = cli(&[
         "resolve",
         "loras/big.safetensors",
@@ -216,6 +219,116 @@ fn status_resolve_and_the_cli_summary() {
     let mut m = m;
     m.unmount();
     assert!(!m.socket.exists(), "the socket goes with the mount");
+}
+
+/// Clients of the original node check `"status": "success"`, and read the four booleans of its
+/// `autopatch_status`.
+#[test]
+fn every_success_answers_success_like_the_original() {
+    require_mount!();
+    let d = Dirs::new();
+    d.nas_file("loras/a.safetensors", 2 * CHUNK as usize, 1);
+    d.nas_file("loras/b.safetensors", 2 * CHUNK as usize, 2);
+    d.nas_file("checkpoints/c.safetensors", CHUNK as usize, 3);
+    let env = d.tmp.path().join("arena.env");
+    fs::write(&env, "ARENA_CACHE_MAX_CONCURRENCY=2\n").unwrap();
+    let m = d.mount(&[
+        &format!("env={}", env.display()),
+        "min_size_mb=0",
+        "cache_cooldown_ms=0",
+    ]);
+    let success = |what: &str, v: &Value| assert_eq!(v["status"], "success", "{what}: {v}");
+    let flags = |st: &Value| -> [bool; 4] {
+        let ap = &st["autopatch_status"];
+        [
+            "started",
+            "patched",
+            "copy_worker_running",
+            "settings_initialized",
+        ]
+        .map(|k| ap[k].as_bool().unwrap_or_else(|| panic!("{k} in {st}")))
+    };
+
+    let st = m.status();
+    success("status", &st);
+    assert_eq!(flags(&st), [false, true, true, true], "{st}");
+    assert_eq!(
+        st["autopatch_status"]["state"], "idle",
+        "arenafs's own keys stay"
+    );
+    let get = |path: &str| client::call(&m.socket, "GET", path, None).unwrap();
+    success("stats", &get("/arena/stats"));
+    success("jobs", &get("/arena/jobs"));
+    let r = post(
+        &m,
+        "/arena/resolve",
+        json!({"models": ["loras/a.safetensors"]}),
+    )
+    .unwrap();
+    success("resolve", &r);
+
+    let r = post(
+        &m,
+        "/arena/autopatch",
+        json!({"action": "start", "required_models": [
+            {"category": "loras", "filename": "a.safetensors"}]}),
+    )
+    .unwrap();
+    success("autopatch start", &r);
+    let st = m.status();
+    assert_eq!(flags(&st), [true, true, true, true], "{st}");
+    m.wait_copies(1);
+    assert_eq!(
+        m.status()["autopatch_status"]["started"],
+        true,
+        "done, not stopped"
+    );
+    let r = post(&m, "/arena/autopatch", json!({"action": "stop"})).unwrap();
+    success("autopatch stop", &r);
+    assert_eq!(flags(&m.status()), [false, true, true, true]);
+
+    let r = post(
+        &m,
+        "/arena/prefetch",
+        json!({"models": ["loras/b.safetensors"]}),
+    )
+    .unwrap();
+    success("prefetch", &r);
+    m.wait_copies(2);
+    let r = post(
+        &m,
+        "/arena/trim",
+        json!({"category": "loras", "dry_run": true}),
+    )
+    .unwrap();
+    success("trim", &r);
+    assert_eq!(r["removed"].as_array().unwrap().len(), 2, "{r}");
+    let r = client::call_bytes(
+        &m.socket,
+        "POST",
+        "/arena/workflow",
+        Some(
+            br#"{"1":{"class_type":"CheckpointLoaderSimple","inputs":{"ckpt_name":"c.safetensors"}}}"#
+                .to_vec(),
+        ),
+    )
+    .unwrap();
+    success("workflow", &r);
+    let r = client::call(&m.socket, "POST", "/arena/reload", None).unwrap();
+    success("reload", &r);
+
+    // Gray: the copy worker makes nothing any more.
+    fs::write(&env, "ARENA_AUTO_CACHE_ENABLED=0\n").unwrap();
+    let r = client::call(&m.socket, "POST", "/arena/reload", None).unwrap();
+    success("reload", &r);
+    let st = m.status();
+    assert_eq!(st["cache_state"], "gray", "{st}");
+    assert_eq!(flags(&st), [false, true, false, true], "{st}");
+
+    // Errors keep their shape.
+    let (_, code, body) = api_err(post(&m, "/arena/prefetch", json!({"models": []})));
+    assert_eq!(code, "EMPTY_REQUIRED_SET");
+    assert_eq!(body["status"], "error");
 }
 
 #[test]
@@ -732,7 +845,7 @@ fn malformed_requests_do_not_hurt_the_daemon() {
     drop(idle);
 
     // Still serving: status, and reads through the mount.
-    assert_eq!(m.status()["status"], "ok");
+    assert_eq!(m.status()["status"], "success");
     assert_eq!(fs::read(m.path("loras/a.safetensors")).unwrap(), data);
     assert!(
         m.log().lines().all(|l| !l.contains("panicked")),
