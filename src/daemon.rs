@@ -35,6 +35,7 @@ pub fn run(
     loaded: Loaded,
     inputs: config::Inputs,
 ) -> Result<()> {
+    cfg.validate().map_err(anyhow::Error::msg)?;
     for w in &loaded.warnings {
         tracing::warn!("config: {w}");
     }

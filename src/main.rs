@@ -687,6 +687,7 @@ fn mount(m: MountArgs, args: &[String]) -> Result<()> {
     if let Some(e) = m.env {
         mopts.env_file = Some(e);
     }
+    mopts.validate().map_err(anyhow::Error::msg)?;
     let inputs = config::Inputs::from_process(mopts.env_file.clone(), mopts.settings.clone());
     let loaded = config::load(&inputs)?;
     init_logging(loaded.settings.verbose);

@@ -78,6 +78,22 @@ impl Default for MountOptions {
 }
 
 impl MountOptions {
+    /// Checks the options as a whole, once all are applied: refuses combinations that would be
+    /// unsafe.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.allow_other && !self.default_permissions {
+            // The daemon runs as root and opens NAS files for whoever asks: without the kernel's
+            // permission checks, any user of the machine could read every file.
+            return Err(
+                "option nodefault_permissions needs noallow_other: with allow_other (the \
+                        default) every user could read any NAS file through the mount without \
+                        a permission check"
+                    .to_string(),
+            );
+        }
+        Ok(())
+    }
+
     /// Applies one comma-separated `-o` string. Unknown options are refused, not ignored.
     pub fn apply_opts(&mut self, opts: &str) -> Result<(), String> {
         for opt in opts.split(',').filter(|o| !o.is_empty()) {
@@ -214,6 +230,37 @@ mod tests {
             .unwrap();
         assert_eq!(c.listen, Some("127.0.0.1:9464".parse().unwrap()));
         assert_eq!(c.socket_group.as_deref(), Some("comfy"));
+    }
+
+    #[test]
+    fn nodefault_permissions_needs_noallow_other() {
+        let with = |opts: &str| {
+            let mut c = MountOptions::default();
+            c.apply_opts(opts).unwrap();
+            c.validate()
+        };
+        assert!(with("").is_ok());
+        for bad in [
+            "nodefault_permissions",
+            "no_default_permissions",
+            "allow_other,nodefault_permissions",
+            "noallow_other,nodefault_permissions,allow_other",
+        ] {
+            let err = with(bad).unwrap_err();
+            assert!(
+                err.contains("nodefault_permissions") && err.contains("noallow_other"),
+                "{bad}: {err}"
+            );
+        }
+        for good in [
+            "noallow_other,nodefault_permissions",
+            "nodefault_permissions,no_allow_other",
+            "noallow_other",
+            "allow_other,default_permissions",
+            "nodefault_permissions,default_permissions",
+        ] {
+            assert!(with(good).is_ok(), "{good}");
+        }
     }
 
     #[test]
