@@ -854,6 +854,134 @@ fn malformed_requests_do_not_hurt_the_daemon() {
     );
 }
 
+/// A GET on a fresh connection that must be answered within `bound`; returns (HTTP status, time).
+fn timed_get(socket: &Path, path: &str, bound: Duration) -> (u16, Duration) {
+    let start = std::time::Instant::now();
+    let mut s = UnixStream::connect(socket).unwrap();
+    s.set_read_timeout(Some(bound)).unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut out = Vec::new();
+    if let Err(e) = s.read_to_end(&mut out) {
+        panic!("GET {path}: no answer within {bound:?} ({e})");
+    }
+    let code = String::from_utf8_lossy(&out)
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    (code, start.elapsed())
+}
+
+/// Sends `request` from a thread while `status` and `/metrics` are asked for, each of which
+/// must answer within a few seconds; returns the answer to `request`.
+fn while_status_answers(socket: &Path, request: Vec<u8>) -> String {
+    let sock = socket.to_path_buf();
+    let big = std::thread::spawn(move || raw(&sock, &request));
+    let bound = Duration::from_secs(5);
+    let mut rounds = 0;
+    while rounds < 3 || !big.is_finished() {
+        for path in ["/arena/status", "/metrics"] {
+            let (code, took) = timed_get(socket, path, bound);
+            assert_eq!(code, 200, "{path}");
+            eprintln!("{path} answered in {took:?}");
+        }
+        rounds += 1;
+    }
+    big.join().unwrap()
+}
+
+#[test]
+fn a_flood_of_references_is_refused_while_status_answers() {
+    require_mount!();
+    let d = Dirs::new();
+    d.nas_file("loras/a.safetensors", CHUNK as usize, 1);
+    let m = d.mount(&["min_size_mb=0", "cache_cooldown_ms=0"]);
+    let limit = arenafs::control::api::MAX_REFERENCES;
+
+    // 200,000 distinct references: about 5 MB, within the body limit.
+    let many: Vec<String> = (0..200_000)
+        .map(|i| format!("\"loras/m{i}.safetensors\""))
+        .collect();
+    let list = many.join(",");
+    for (path, body) in [
+        ("/arena/resolve", format!("{{\"models\":[{list}]}}")),
+        ("/arena/prefetch", format!("{{\"models\":[{list}]}}")),
+        (
+            "/arena/autopatch",
+            format!("{{\"action\":\"start\",\"required_models\":[{list}]}}"),
+        ),
+    ] {
+        assert!(body.len() < 8 << 20);
+        let answer = while_status_answers(&m.socket, post_raw(path, body.as_bytes()));
+        assert!(status_line(&answer).contains(" 413 "), "{path}: {answer}");
+        assert!(
+            answer.contains("\"code\":\"TOO_MANY_MODELS\""),
+            "{path}: {answer}"
+        );
+        assert!(answer.contains("\"count\":200000"), "{path}: {answer}");
+        assert!(
+            answer.contains(&format!("\"limit\":{limit}")),
+            "{path}: {answer}"
+        );
+    }
+    assert_eq!(m.status()["jobs"], json!([]), "nothing queued");
+    assert_eq!(m.status()["autopatch_status"]["state"], "idle");
+
+    // Up to the limit, duplicates included, is answered; duplicates are merged.
+    let refs: Vec<Value> = (0..limit)
+        .map(|i| match i % 3 {
+            0 => json!("loras/a.safetensors"),
+            1 => json!({"category": "loras", "filename": "a.safetensors"}),
+            _ => json!(format!("loras/n{}.safetensors", i % 1000)),
+        })
+        .collect();
+    let body = serde_json::to_vec(&json!({ "models": refs })).unwrap();
+    let answer = while_status_answers(&m.socket, post_raw("/arena/resolve", &body));
+    assert!(status_line(&answer).contains(" 200 "), "{answer}");
+    let r: Value = serde_json::from_str(answer.split_once("\r\n\r\n").unwrap().1).unwrap();
+    assert_eq!(r["totals"]["models"], 1 + 1000, "{}", r["totals"]);
+    assert_eq!(r["totals"]["found"], 1);
+    assert_eq!(r["models"][0]["path"], "loras/a.safetensors");
+
+    // A workflow naming more files than that is refused the same way.
+    let nodes: serde_json::Map<String, Value> = (0..=limit)
+        .map(|i| {
+            (
+                i.to_string(),
+                json!({"class_type": "CheckpointLoaderSimple",
+                       "inputs": {"ckpt_name": format!("c{i}.safetensors")}}),
+            )
+        })
+        .collect();
+    let body = serde_json::to_vec(&Value::Object(nodes)).unwrap();
+    let answer = while_status_answers(&m.socket, post_raw("/arena/workflow", &body));
+    assert!(status_line(&answer).contains(" 413 "), "{answer}");
+    assert!(answer.contains("TOO_MANY_MODELS"), "{answer}");
+    assert!(
+        answer.contains(&format!("\"count\":{}", limit + 1)),
+        "{answer}"
+    );
+
+    // A large workflow body (tens of MiB) is parsed away from the thread that answers status.
+    let filler = "x".repeat(1 << 10);
+    let nodes: serde_json::Map<String, Value> = (0..40_000)
+        .map(|i| {
+            (
+                i.to_string(),
+                json!({"class_type": "Note", "inputs": {"text": filler}}),
+            )
+        })
+        .collect();
+    let body = serde_json::to_vec(&Value::Object(nodes)).unwrap();
+    assert!(body.len() > 32 << 20 && body.len() < arenafs::workflow::MAX_WORKFLOW_BYTES);
+    let answer = while_status_answers(&m.socket, post_raw("/arena/workflow", &body));
+    assert!(status_line(&answer).contains(" 200 "), "{answer}");
+}
+
 #[test]
 fn socket_group_and_the_tcp_listener() {
     require_mount!();
