@@ -180,6 +180,10 @@ pub fn run(
         socket_group: cfg.socket_group.clone(),
         tcp: cfg.listen,
         token: token.clone(),
+        limits: control::Limits {
+            max_connections: cfg.control_connections,
+            header_timeout: cfg.control_header_timeout,
+        },
     };
     let server = control::Server::start(
         &listen,

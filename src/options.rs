@@ -34,6 +34,10 @@ pub struct MountOptions {
     pub listen: Option<std::net::SocketAddr>,
     /// File holding the bearer token that allows changes over the TCP listener.
     pub token_file: Option<PathBuf>,
+    /// Connections each control listener serves at once.
+    pub control_connections: usize,
+    /// How long a control client may take to send a request's headers.
+    pub control_header_timeout: Duration,
     /// Make every change to the NAS as this (uid, gid) instead of the calling user.
     pub write_as: Option<(u32, u32)>,
     /// Serve complete copies while the NAS is offline (default on).
@@ -65,6 +69,8 @@ impl Default for MountOptions {
             socket_group: None,
             listen: None,
             token_file: None,
+            control_connections: crate::control::Limits::default().max_connections,
+            control_header_timeout: crate::control::Limits::default().header_timeout,
             write_as: None,
             offline_copies: true,
             adopt: None,
@@ -159,6 +165,29 @@ impl MountOptions {
                     })?;
                 self.nas_timeout = Duration::from_secs_f64(secs);
             }
+            "control_connections" => {
+                let v = need(())?;
+                self.control_connections = v
+                    .trim()
+                    .parse::<usize>()
+                    .ok()
+                    .filter(|n| (1..=65536).contains(n))
+                    .ok_or_else(|| {
+                        format!("option {key}: '{v}' is not a whole number from 1 to 65536")
+                    })?;
+            }
+            "control_header_timeout" => {
+                let v = need(())?;
+                let secs = v
+                    .trim()
+                    .parse::<f64>()
+                    .ok()
+                    .filter(|f| f.is_finite() && *f > 0.0 && *f < 1e6)
+                    .ok_or_else(|| {
+                        format!("option {key}: '{v}' is not a positive number of seconds")
+                    })?;
+                self.control_header_timeout = Duration::from_secs_f64(secs);
+            }
             "threads" => {
                 let v = need(())?;
                 let n: usize = v
@@ -230,6 +259,16 @@ mod tests {
             .unwrap();
         assert_eq!(c.listen, Some("127.0.0.1:9464".parse().unwrap()));
         assert_eq!(c.socket_group.as_deref(), Some("comfy"));
+        assert_eq!(
+            (c.control_connections, c.control_header_timeout),
+            (64, Duration::from_secs(10))
+        );
+        c.apply_opts("control_connections=8,control_header_timeout=2.5")
+            .unwrap();
+        assert_eq!(
+            (c.control_connections, c.control_header_timeout),
+            (8, Duration::from_millis(2500))
+        );
     }
 
     #[test]
@@ -276,6 +315,10 @@ mod tests {
             "write_as=comfy",
             "write_as=1000",
             "listen=9464",
+            "control_connections=0",
+            "control_connections=many",
+            "control_header_timeout=0",
+            "control_header_timeout",
         ] {
             let err = MountOptions::default().apply_opts(bad).unwrap_err();
             assert!(!err.is_empty(), "{bad}");

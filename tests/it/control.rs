@@ -1028,6 +1028,68 @@ fn socket_group_and_the_tcp_listener() {
     assert!(body.contains("NO_ENV"));
 }
 
+/// Each listener serves a bounded number of connections; a client that does not send its request
+/// headers in time is dropped, which frees its place.
+#[test]
+fn connections_are_capped_and_slow_headers_time_out() {
+    require_mount!();
+    let d = Dirs::new();
+    let port = free_port();
+    let m = d.mount(&[
+        &format!("listen=127.0.0.1:{port}"),
+        "control_connections=4",
+        "control_header_timeout=3",
+    ]);
+    let connect = || {
+        let s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+        s
+    };
+    // Four connections take every place: two say nothing, two send half a request (slow loris).
+    let start = std::time::Instant::now();
+    let mut held: Vec<std::net::TcpStream> = (0..4).map(|_| connect()).collect();
+    for s in &mut held[2..] {
+        s.write_all(b"GET /arena/status HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+            .unwrap();
+    }
+    // The fifth is answered at once, with an error, and closed.
+    let mut fifth = connect();
+    fifth
+        .write_all(b"GET /arena/status HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let mut answer = String::new();
+    fifth.read_to_string(&mut answer).unwrap();
+    assert!(status_line(&answer).contains(" 503 "), "{answer}");
+    assert!(
+        answer.contains("\"code\":\"TOO_MANY_CONNECTIONS\""),
+        "{answer}"
+    );
+    assert!(answer.contains("\"status\":\"error\""), "{answer}");
+    // The unix socket has places of its own: status answers there.
+    let (code, _) = timed_get(&m.socket, "/arena/status", Duration::from_secs(5));
+    assert_eq!(code, 200);
+
+    // Who does not finish its headers within the timeout is disconnected, without an answer.
+    for (i, s) in held.iter_mut().enumerate() {
+        let mut got = Vec::new();
+        s.read_to_end(&mut got).unwrap_or_else(|e| {
+            panic!("connection {i} still open after {:?}: {e}", start.elapsed())
+        });
+        assert!(got.is_empty(), "{i}: {}", String::from_utf8_lossy(&got));
+    }
+    let closed_after = start.elapsed();
+    assert!(
+        closed_after >= Duration::from_millis(2900) && closed_after < Duration::from_secs(12),
+        "{closed_after:?}"
+    );
+    // Their places are free again.
+    wait_for(
+        "a place on the TCP listener",
+        Duration::from_secs(10),
+        || tcp(port, "GET", "/arena/status", None).0 == 200,
+    );
+}
+
 #[test]
 fn a_bad_socket_group_or_token_file_fails_the_mount() {
     require_mount!();
