@@ -36,6 +36,7 @@ pub fn run(
     loaded: Loaded,
     inputs: config::Inputs,
 ) -> Result<()> {
+    cfg.validate().map_err(anyhow::Error::msg)?;
     for w in &loaded.warnings {
         tracing::warn!("config: {w}");
     }
@@ -181,6 +182,10 @@ pub fn run(
         socket_group: cfg.socket_group.clone(),
         tcp: cfg.listen,
         token: token.clone(),
+        limits: control::Limits {
+            max_connections: cfg.control_connections,
+            header_timeout: cfg.control_header_timeout,
+        },
     };
     let server = control::Server::start(
         &listen,

@@ -4,6 +4,7 @@
 //!
 //! Used by `arenafs resolve --workflow` (with or without a daemon) and by `POST /arena/workflow`.
 
+use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 
 use serde::Serialize;
@@ -137,16 +138,13 @@ pub fn locate(res: Resolution, nas: Option<&Nas>) -> WorkflowReport {
 impl WorkflowReport {
     /// NAS paths of the `exec` files found, without duplicates, in order.
     pub fn exec_paths(&self) -> Vec<PathBuf> {
-        let mut out: Vec<PathBuf> = Vec::new();
-        for m in self.exec() {
-            if let Some(p) = &m.nas_path
-                && m.size.is_some()
-                && !out.contains(p)
-            {
-                out.push(p.clone());
-            }
-        }
-        out
+        let mut seen: HashSet<&PathBuf> = HashSet::new();
+        self.exec()
+            .filter(|m| m.size.is_some())
+            .filter_map(|m| m.nas_path.as_ref())
+            .filter(|p| seen.insert(*p))
+            .cloned()
+            .collect()
     }
 
     fn exec(&self) -> impl Iterator<Item = &Located> {
@@ -167,7 +165,7 @@ impl WorkflowReport {
             ..Default::default()
         };
         if looked_up {
-            let mut seen: Vec<&Path> = Vec::new();
+            let mut seen: HashSet<&Path> = HashSet::new();
             let (mut missing, mut on_nas, mut cached, mut to_copy) = (0, 0, None, None);
             for m in self.exec() {
                 if m.on_nas == Some(false) {
@@ -176,10 +174,9 @@ impl WorkflowReport {
                 let Some(p) = m.nas_path.as_deref() else {
                     continue;
                 };
-                if seen.contains(&p) {
+                if !seen.insert(p) {
                     continue;
                 }
-                seen.push(p);
                 on_nas += m.size.unwrap_or(0);
                 if let Some(c) = m.cached_bytes {
                     *cached.get_or_insert(0) += c;

@@ -9,7 +9,7 @@ use crate::policy::{category_folders, category_key};
 use crate::source::Nas;
 
 /// A validated reference.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, serde::Serialize)]
 pub struct ModelRef {
     /// Category key.
     pub category: String,

@@ -34,6 +34,10 @@ pub struct MountOptions {
     pub listen: Option<std::net::SocketAddr>,
     /// File holding the bearer token that allows changes over the TCP listener.
     pub token_file: Option<PathBuf>,
+    /// Connections each control listener serves at once.
+    pub control_connections: usize,
+    /// How long a control client may take to send a request's headers.
+    pub control_header_timeout: Duration,
     /// Make every change to the NAS as this (uid, gid) instead of the calling user.
     pub write_as: Option<(u32, u32)>,
     /// Serve complete copies while the NAS is offline (default on).
@@ -65,6 +69,8 @@ impl Default for MountOptions {
             socket_group: None,
             listen: None,
             token_file: None,
+            control_connections: crate::control::Limits::default().max_connections,
+            control_header_timeout: crate::control::Limits::default().header_timeout,
             write_as: None,
             offline_copies: true,
             adopt: None,
@@ -78,6 +84,22 @@ impl Default for MountOptions {
 }
 
 impl MountOptions {
+    /// Checks the options as a whole, once all are applied: refuses combinations that would be
+    /// unsafe.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.allow_other && !self.default_permissions {
+            // The daemon runs as root and opens NAS files for whoever asks: without the kernel's
+            // permission checks, any user of the machine could read every file.
+            return Err(
+                "option nodefault_permissions needs noallow_other: with allow_other (the \
+                        default) every user could read any NAS file through the mount without \
+                        a permission check"
+                    .to_string(),
+            );
+        }
+        Ok(())
+    }
+
     /// Applies one comma-separated `-o` string. Unknown options are refused, not ignored.
     pub fn apply_opts(&mut self, opts: &str) -> Result<(), String> {
         for opt in opts.split(',').filter(|o| !o.is_empty()) {
@@ -142,6 +164,29 @@ impl MountOptions {
                         format!("option {key}: '{v}' is not a positive number of seconds")
                     })?;
                 self.nas_timeout = Duration::from_secs_f64(secs);
+            }
+            "control_connections" => {
+                let v = need(())?;
+                self.control_connections = v
+                    .trim()
+                    .parse::<usize>()
+                    .ok()
+                    .filter(|n| (1..=65536).contains(n))
+                    .ok_or_else(|| {
+                        format!("option {key}: '{v}' is not a whole number from 1 to 65536")
+                    })?;
+            }
+            "control_header_timeout" => {
+                let v = need(())?;
+                let secs = v
+                    .trim()
+                    .parse::<f64>()
+                    .ok()
+                    .filter(|f| f.is_finite() && *f > 0.0 && *f < 1e6)
+                    .ok_or_else(|| {
+                        format!("option {key}: '{v}' is not a positive number of seconds")
+                    })?;
+                self.control_header_timeout = Duration::from_secs_f64(secs);
             }
             "threads" => {
                 let v = need(())?;
@@ -214,6 +259,47 @@ mod tests {
             .unwrap();
         assert_eq!(c.listen, Some("127.0.0.1:9464".parse().unwrap()));
         assert_eq!(c.socket_group.as_deref(), Some("comfy"));
+        assert_eq!(
+            (c.control_connections, c.control_header_timeout),
+            (64, Duration::from_secs(10))
+        );
+        c.apply_opts("control_connections=8,control_header_timeout=2.5")
+            .unwrap();
+        assert_eq!(
+            (c.control_connections, c.control_header_timeout),
+            (8, Duration::from_millis(2500))
+        );
+    }
+
+    #[test]
+    fn nodefault_permissions_needs_noallow_other() {
+        let with = |opts: &str| {
+            let mut c = MountOptions::default();
+            c.apply_opts(opts).unwrap();
+            c.validate()
+        };
+        assert!(with("").is_ok());
+        for bad in [
+            "nodefault_permissions",
+            "no_default_permissions",
+            "allow_other,nodefault_permissions",
+            "noallow_other,nodefault_permissions,allow_other",
+        ] {
+            let err = with(bad).unwrap_err();
+            assert!(
+                err.contains("nodefault_permissions") && err.contains("noallow_other"),
+                "{bad}: {err}"
+            );
+        }
+        for good in [
+            "noallow_other,nodefault_permissions",
+            "nodefault_permissions,no_allow_other",
+            "noallow_other",
+            "allow_other,default_permissions",
+            "nodefault_permissions,default_permissions",
+        ] {
+            assert!(with(good).is_ok(), "{good}");
+        }
     }
 
     #[test]
@@ -229,6 +315,10 @@ mod tests {
             "write_as=comfy",
             "write_as=1000",
             "listen=9464",
+            "control_connections=0",
+            "control_connections=many",
+            "control_header_timeout=0",
+            "control_header_timeout",
         ] {
             let err = MountOptions::default().apply_opts(bad).unwrap_err();
             assert!(!err.is_empty(), "{bad}");

@@ -402,15 +402,19 @@ impl Worker {
     pub fn cancel(&self, paths: &[PathBuf]) -> usize {
         let mut st = self.state.lock();
         let mut n = 0;
+        let mut dequeued: HashSet<&PathBuf> = HashSet::new();
         for p in paths {
             if st.queued.remove(p) {
-                st.queue.retain(|j| &j.rel != p);
+                dequeued.insert(p);
                 n += 1;
             }
             if st.running.contains_key(p) {
                 st.cancelled.insert(p.clone());
                 n += 1;
             }
+        }
+        if !dequeued.is_empty() {
+            st.queue.retain(|j| !dequeued.contains(&j.rel));
         }
         n
     }
@@ -450,6 +454,15 @@ impl Worker {
         paths
             .iter()
             .any(|p| st.queued.contains(p) || st.running.contains_key(p))
+    }
+
+    /// How many of `paths` are queued or running.
+    pub fn busy_count(&self, paths: &[PathBuf]) -> usize {
+        let st = self.state.lock();
+        paths
+            .iter()
+            .filter(|p| st.queued.contains(*p) || st.running.contains_key(*p))
+            .count()
     }
 
     /// Bytes left of the byte budget (`u64::MAX` without one).
@@ -496,6 +509,11 @@ impl Worker {
     /// Number of queued (not running) copies.
     pub fn queue_len(&self) -> usize {
         self.state.lock().queue.len()
+    }
+
+    /// Whether the worker still dispatches copies (it has not been stopped).
+    pub fn is_running(&self) -> bool {
+        !self.stopped.load(Ordering::Acquire)
     }
 
     /// Stops dispatching; running copies stop at the next chunk. Waits for them.

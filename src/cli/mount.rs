@@ -52,6 +52,7 @@ pub(crate) fn mount(m: MountArgs, args: &[String]) -> Result<()> {
     if let Some(e) = m.env {
         mopts.env_file = Some(e);
     }
+    mopts.validate().map_err(anyhow::Error::msg)?;
     let inputs = config::Inputs::from_process(mopts.env_file.clone(), mopts.settings.clone());
     let loaded = config::load(&inputs)?;
     super::logging::init(loaded.settings.verbose);

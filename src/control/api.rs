@@ -4,7 +4,7 @@
 //! NAS call never stalls the other endpoints (a status request still answers while a resolve
 //! waits on a hung NFS server).
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -26,6 +26,9 @@ use crate::reload::ReloadError;
 use crate::stats::{StatsSnapshot, Totals};
 use crate::worker::{JobInfo, Outcome, Planned, Reason};
 use crate::workflow::{ModelStatus, WorkflowError};
+
+/// The `status` of every successful answer, as the original node's clients expect.
+pub const SUCCESS: &str = "success";
 
 /// Runs `f` on the blocking pool.
 async fn blocking<T: Send + 'static>(
@@ -62,10 +65,76 @@ pub struct Named {
     pub path: Option<PathBuf>,
 }
 
+/// Most model references one request may carry (duplicates included), and most entries a
+/// workflow may name. Every reference costs NAS lookups; a list longer than this is refused
+/// (`413 TOO_MANY_MODELS`) before any of them is looked at.
+pub const MAX_REFERENCES: usize = 10_000;
+
+/// The reference list of a request: up to [`MAX_REFERENCES`] are kept, the rest only counted
+/// (so an oversized list costs neither memory nor validation).
+#[derive(Debug, Default)]
+pub struct RefList {
+    /// The references kept.
+    pub refs: Vec<RefJson>,
+    /// How many the request held.
+    pub count: usize,
+}
+
+impl<'de> Deserialize<'de> for RefList {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visit;
+        impl<'de> serde::de::Visitor<'de> for Visit {
+            type Value = RefList;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a list of model references")
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<RefList, A::Error> {
+                let mut list = RefList::default();
+                while list.count < MAX_REFERENCES {
+                    match seq.next_element::<RefJson>()? {
+                        Some(r) => list.refs.push(r),
+                        None => return Ok(list),
+                    }
+                    list.count += 1;
+                }
+                while seq.next_element::<serde::de::IgnoredAny>()?.is_some() {
+                    list.count += 1;
+                }
+                Ok(list)
+            }
+        }
+        d.deserialize_seq(Visit)
+    }
+}
+
+/// `413 TOO_MANY_MODELS`: `count` references (or workflow entries) where at most
+/// [`MAX_REFERENCES`] are taken.
+fn too_many(count: usize, what: &str) -> ApiError {
+    ApiError::new(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "TOO_MANY_MODELS",
+        format!("{count} {what}; at most {MAX_REFERENCES} are taken in one request"),
+    )
+    .with("count", count)
+    .with("limit", MAX_REFERENCES)
+}
+
+/// Validates a request's list: refuses one over [`MAX_REFERENCES`], then as [`validate`].
+fn validate_list(list: &RefList) -> Result<Vec<ModelRef>, ApiError> {
+    if list.count > MAX_REFERENCES {
+        return Err(too_many(list.count, "model references"));
+    }
+    validate(&list.refs)
+}
+
 /// Validates every reference (one bad reference refuses the request, naming it) and removes
-/// duplicates.
+/// duplicates, keeping the first of each.
 fn validate(refs: &[RefJson]) -> Result<Vec<ModelRef>, ApiError> {
     let mut out: Vec<ModelRef> = Vec::with_capacity(refs.len());
+    let mut seen: HashSet<ModelRef> = HashSet::with_capacity(refs.len());
     for (i, r) in refs.iter().enumerate() {
         let parsed = match r {
             RefJson::Object { category, filename } => models::parse(category, filename),
@@ -79,7 +148,8 @@ fn validate(refs: &[RefJson]) -> Result<Vec<ModelRef>, ApiError> {
             )
             .with("index", i)
         })?;
-        if !out.contains(&m) {
+        if !seen.contains(&m) {
+            seen.insert(m.clone());
             out.push(m);
         }
     }
@@ -144,15 +214,22 @@ pub struct AutopatchStatus {
     pub copying: usize,
     /// When the set was sent (seconds since the epoch).
     pub started_at: Option<u64>,
+    /// The original's key: a required set was started and not stopped.
+    pub started: bool,
+    /// The original's key: model loads go through the cache. Always true while the daemon
+    /// answers: the mount takes the place of the node's patch of ComfyUI's model paths.
+    pub patched: bool,
+    /// The original's key: the copy worker runs (the daemon is not stopping and caching is not
+    /// off).
+    pub copy_worker_running: bool,
+    /// The original's key: the settings were loaded (always true once the daemon answers).
+    pub settings_initialized: bool,
 }
 
 fn autopatch_status(s: &Shared) -> AutopatchStatus {
     let ap = s.autopatch.lock();
     let paths = ap.paths();
-    let copying = paths
-        .iter()
-        .filter(|p| s.worker.busy_with(&[(*p).clone()]))
-        .count();
+    let copying = s.worker.busy_count(&paths);
     let complete = paths
         .iter()
         .filter(|p| s.cache.store().get(p).is_some_and(|e| e.is_complete()))
@@ -176,13 +253,17 @@ fn autopatch_status(s: &Shared) -> AutopatchStatus {
         complete,
         copying,
         started_at: ap.started_at,
+        started: ap.started_at.is_some() && ap.stopped_at.is_none(),
+        patched: true,
+        copy_worker_running: s.worker.is_running() && s.live.settings().state() != CacheState::Gray,
+        settings_initialized: true,
     }
 }
 
 /// `GET /arena/status`.
 #[derive(Debug, Serialize)]
 pub struct Status {
-    /// Always "ok" when the daemon answers.
+    /// Always "success" when the daemon answers.
     pub status: &'static str,
     /// The daemon's version.
     pub version: &'static str,
@@ -251,7 +332,7 @@ pub(super) async fn status(State(s): State<Shared>) -> Result<Json<Status>, ApiE
     let settings = s.live.settings();
     let stats = s.stats.snapshot();
     Ok(Json(Status {
-        status: "ok",
+        status: SUCCESS,
         version: env!("CARGO_PKG_VERSION"),
         enabled: settings.enabled,
         cache_state: settings.state(),
@@ -285,6 +366,8 @@ pub(super) async fn status(State(s): State<Shared>) -> Result<Json<Status>, ApiE
 /// `GET /arena/stats`: counters since start (flat, per category) and totals over all runs.
 #[derive(Debug, Serialize)]
 pub struct StatsReport {
+    /// Always "success".
+    pub status: &'static str,
     /// Counters since this daemon started.
     #[serde(flatten)]
     pub since_start: StatsSnapshot,
@@ -297,6 +380,7 @@ pub struct StatsReport {
 pub(super) async fn stats(State(s): State<Shared>) -> Json<StatsReport> {
     let now = s.stats.since_start();
     Json(StatsReport {
+        status: SUCCESS,
         since_start: now.overall,
         categories: now.categories,
         totals: s.stats.totals(),
@@ -307,7 +391,7 @@ pub(super) async fn jobs(State(s): State<Shared>) -> Json<Value> {
     let jobs = s.worker.jobs();
     let running = jobs.iter().filter(|j| j.state == "running").count();
     Json(json!({
-        "status": "ok",
+        "status": SUCCESS,
         "running": running,
         "queue_length": s.worker.queue_len(),
         "jobs": jobs,
@@ -321,7 +405,7 @@ pub(super) async fn jobs(State(s): State<Shared>) -> Json<Value> {
 #[derive(Debug, Deserialize)]
 pub struct ModelsBody {
     /// The references.
-    pub models: Vec<RefJson>,
+    pub models: RefList,
 }
 
 /// One model in a resolve or prefetch answer.
@@ -418,14 +502,14 @@ pub struct ResolveTotals {
 }
 
 fn plan_answers(named: &[Named], planned: &[Planned]) -> Vec<ModelAnswer> {
+    let by_path: HashMap<&PathBuf, &Planned> = planned.iter().map(|p| (&p.path, p)).collect();
     named
         .iter()
         .map(|n| {
-            let p = n
-                .path
-                .as_ref()
-                .and_then(|path| planned.iter().find(|p| &p.path == path));
-            answer(n, p)
+            answer(
+                n,
+                n.path.as_ref().and_then(|path| by_path.get(path).copied()),
+            )
         })
         .collect()
 }
@@ -434,14 +518,15 @@ pub(super) async fn resolve(
     State(s): State<Shared>,
     Body(body): Body<ModelsBody>,
 ) -> Result<Json<Value>, ApiError> {
-    let refs = validate(&body.models)?;
-    let sh = s.clone();
-    let (named, planned, usage) = blocking(move || {
-        let named = find_all(&sh, refs);
-        let planned = sh.worker.plan(&paths_of(&named));
-        (named, planned, sh.cache.usage())
-    })
-    .await?;
+    blocking(move || resolve_now(&s, &body)).await?.map(Json)
+}
+
+/// The whole of `/arena/resolve` (blocking: it reads the NAS, and its work grows with the list).
+fn resolve_now(s: &Shared, body: &ModelsBody) -> Result<Value, ApiError> {
+    let refs = validate_list(&body.models)?;
+    let named = find_all(s, refs);
+    let planned = s.worker.plan(&paths_of(&named));
+    let usage = s.cache.usage();
     let mut models = plan_answers(&named, &planned);
     let settings = s.live.settings();
     let to_fetch: u64 = planned.iter().map(Planned::to_fetch).sum();
@@ -465,20 +550,25 @@ pub(super) async fn resolve(
         within_budget,
         fits_free_space: usage.fits(to_fetch),
     };
-    Ok(Json(json!({
-        "status": "ok",
+    Ok(json!({
+        "status": SUCCESS,
         "dry_run": true,
         "cache_state": settings.state(),
         "models": models,
         "totals": totals,
-    })))
+    }))
 }
 
 pub(super) async fn prefetch(
     State(s): State<Shared>,
     Body(body): Body<ModelsBody>,
 ) -> Result<Json<Value>, ApiError> {
-    let refs = validate(&body.models)?;
+    blocking(move || prefetch_now(&s, &body)).await?.map(Json)
+}
+
+/// The whole of `/arena/prefetch` (blocking).
+fn prefetch_now(s: &Shared, body: &ModelsBody) -> Result<Value, ApiError> {
+    let refs = validate_list(&body.models)?;
     if refs.is_empty() {
         return Err(ApiError::new(
             StatusCode::BAD_REQUEST,
@@ -486,22 +576,18 @@ pub(super) async fn prefetch(
             "no models to prefetch",
         ));
     }
-    let sh = s.clone();
-    let (named, result) = blocking(move || {
-        let named = find_all(&sh, refs);
-        let result = sh.worker.request(&paths_of(&named), Reason::Prefetch, true);
-        (named, result)
-    })
-    .await?;
-    let planned = result?;
+    let named = find_all(s, refs);
+    let planned = s
+        .worker
+        .request(&paths_of(&named), Reason::Prefetch, true)?;
     let models = plan_answers(&named, &planned);
     let queued = models.iter().filter(|m| m.reason == "queued").count();
-    Ok(Json(json!({
-        "status": "ok",
+    Ok(json!({
+        "status": SUCCESS,
         "queued": queued,
         "bytes_to_fetch": planned.iter().map(Planned::to_fetch).sum::<u64>(),
         "models": models,
-    })))
+    }))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -514,7 +600,7 @@ pub struct AutopatchBody {
     pub action: String,
     /// The models the workflow needs (`start`).
     #[serde(default)]
-    pub required_models: Vec<RefJson>,
+    pub required_models: RefList,
 }
 
 pub(super) async fn autopatch(
@@ -537,7 +623,7 @@ pub(super) async fn autopatch(
             .await?;
             tracing::info!(cancelled, "required set stopped");
             Ok(Json(
-                json!({"status": "ok", "action": "stop", "cancelled": cancelled}),
+                json!({"status": SUCCESS, "action": "stop", "cancelled": cancelled}),
             ))
         }
         other => Err(ApiError::bad_request(format!(
@@ -546,27 +632,29 @@ pub(super) async fn autopatch(
     }
 }
 
-async fn autopatch_start(s: Shared, refs: Vec<RefJson>) -> Result<Json<Value>, ApiError> {
-    let refs = validate(&refs)?;
-    let sh = s.clone();
-    let (named, planned) = blocking(move || {
-        let named = find_all(&sh, refs);
-        let planned = start_required(&sh, named.clone())?;
-        Ok::<_, ApiError>((named, planned))
-    })
-    .await??;
+async fn autopatch_start(s: Shared, refs: RefList) -> Result<Json<Value>, ApiError> {
+    blocking(move || autopatch_start_now(&s, &refs))
+        .await?
+        .map(Json)
+}
+
+/// The whole of `autopatch start` (blocking).
+fn autopatch_start_now(s: &Shared, refs: &RefList) -> Result<Value, ApiError> {
+    let refs = validate_list(refs)?;
+    let named = find_all(s, refs);
+    let planned = start_required(s, named.clone())?;
     let models = plan_answers(&named, &planned);
     let queued = models.iter().filter(|m| m.reason == "queued").count();
     let not_found = models.iter().filter(|m| m.status == "not_found").count();
-    Ok(Json(json!({
-        "status": "ok",
+    Ok(json!({
+        "status": SUCCESS,
         "action": "start",
         "required_models_count": models.len(),
         "queued": queued,
         "not_found": not_found,
         "bytes_to_fetch": planned.iter().map(Planned::to_fetch).sum::<u64>(),
         "models": models,
-    })))
+    }))
 }
 
 /// Makes `named` the required set and queues its copies (blocking). Refused, with nothing
@@ -624,34 +712,30 @@ pub struct WorkflowQuery {
 /// Fills in what the cache holds and what a prefetch would copy (blocking).
 fn cache_facts(s: &Shared, report: &mut WorkflowReport) {
     let paths: Vec<PathBuf> = {
-        let mut v: Vec<PathBuf> = Vec::new();
-        for m in &report.models {
-            if let Some(p) = &m.nas_path
-                && m.size.is_some()
-                && !v.contains(p)
-            {
-                v.push(p.clone());
-            }
-        }
-        v
+        let mut seen: HashSet<&PathBuf> = HashSet::new();
+        report
+            .models
+            .iter()
+            .filter(|m| m.size.is_some())
+            .filter_map(|m| m.nas_path.as_ref())
+            .filter(|p| seen.insert(*p))
+            .cloned()
+            .collect()
     };
     let planned = s.worker.plan(&paths);
+    let by_path: HashMap<&PathBuf, &Planned> = planned.iter().map(|p| (&p.path, p)).collect();
     let settings = s.live.settings();
     let budget = (settings.session_byte_budget > 0)
         .then(|| s.worker.budget_remaining(settings.session_byte_budget));
     let exec_fetch: u64 = report
         .exec_paths()
         .iter()
-        .filter_map(|p| planned.iter().find(|x| &x.path == p))
-        .map(Planned::to_fetch)
+        .filter_map(|p| by_path.get(p))
+        .map(|p| p.to_fetch())
         .sum();
     let over_budget = budget.is_some_and(|b| exec_fetch > b);
     for m in &mut report.models {
-        let Some(p) = m
-            .nas_path
-            .as_ref()
-            .and_then(|np| planned.iter().find(|x| &x.path == np))
-        else {
+        let Some(p) = m.nas_path.as_ref().and_then(|np| by_path.get(np)) else {
             continue;
         };
         let cached = p.size - p.missing.min(p.size);
@@ -685,13 +769,13 @@ pub(super) async fn workflow(
     let Query(q) = query.map_err(|e| ApiError::bad_request(e.body_text()))?;
     let bad =
         |e: WorkflowError| ApiError::new(StatusCode::BAD_REQUEST, "BAD_WORKFLOW", e.to_string());
-    let mut action = q.action;
-    let resolution = if body.starts_with(b"\x89PNG\r\n\x1a\n") {
-        let body = body.clone();
-        blocking(move || crate::workflow::resolve_png(&body))
-            .await?
-            .map_err(bad)?
-    } else {
+    // Parsing up to 64 MiB and resolving take a while: on the blocking pool, so that `status`
+    // and `/metrics` answer meanwhile.
+    let (resolution, action) = blocking(move || {
+        if body.starts_with(b"\x89PNG\r\n\x1a\n") {
+            let resolution = crate::workflow::resolve_png(&body).map_err(bad)?;
+            return Ok((resolution, q.action));
+        }
         let mut value: Value = serde_json::from_slice(&body).map_err(|e| {
             ApiError::new(
                 StatusCode::BAD_REQUEST,
@@ -699,6 +783,7 @@ pub(super) async fn workflow(
                 format!("the request body is not a JSON workflow: {e}"),
             )
         })?;
+        let mut action = q.action;
         if let Some(obj) = value.as_object_mut()
             && let Some(a) = obj.remove("action")
         {
@@ -708,10 +793,18 @@ pub(super) async fn workflow(
                     .to_string(),
             );
         }
-        blocking(move || crate::workflow::Resolver::default().resolve_value(value))
-            .await?
-            .map_err(bad)?
-    };
+        let resolution = crate::workflow::Resolver::default()
+            .resolve_value(value)
+            .map_err(bad)?;
+        Ok::<_, ApiError>((resolution, action))
+    })
+    .await??;
+    if resolution.models.len() > MAX_REFERENCES {
+        return Err(too_many(
+            resolution.models.len(),
+            "model entries in the workflow",
+        ));
+    }
     let prefetch = match action.as_deref() {
         None | Some("resolve") => false,
         Some("prefetch") => true,
@@ -721,8 +814,8 @@ pub(super) async fn workflow(
             )));
         }
     };
-    let sh = s.clone();
-    let (report, planned) = blocking(move || {
+    blocking(move || {
+        let sh = &s;
         let mut report = locate(resolution, Some(&sh.nas));
         let mut planned = None;
         if prefetch {
@@ -738,26 +831,25 @@ pub(super) async fn workflow(
                     })
                 })
                 .collect();
-            planned = Some(start_required(&sh, named)?);
+            planned = Some(start_required(sh, named)?);
         }
-        cache_facts(&sh, &mut report);
-        Ok::<_, ApiError>((report, planned))
+        cache_facts(sh, &mut report);
+        let mut answer =
+            serde_json::to_value(&report).map_err(|e| ApiError::internal(e.to_string()))?;
+        answer["status"] = json!(SUCCESS);
+        answer["action"] = json!(if prefetch { "prefetch" } else { "resolve" });
+        if let Some(planned) = planned {
+            answer["queued"] = json!(
+                planned
+                    .iter()
+                    .filter(|p| p.outcome == Outcome::Queued)
+                    .count()
+            );
+            answer["bytes_to_fetch"] = json!(planned.iter().map(Planned::to_fetch).sum::<u64>());
+        }
+        Ok(Json(answer))
     })
-    .await??;
-    let mut answer =
-        serde_json::to_value(&report).map_err(|e| ApiError::internal(e.to_string()))?;
-    answer["status"] = json!("ok");
-    answer["action"] = json!(if prefetch { "prefetch" } else { "resolve" });
-    if let Some(planned) = planned {
-        answer["queued"] = json!(
-            planned
-                .iter()
-                .filter(|p| p.outcome == Outcome::Queued)
-                .count()
-        );
-        answer["bytes_to_fetch"] = json!(planned.iter().map(Planned::to_fetch).sum::<u64>());
-    }
-    Ok(Json(answer))
+    .await?
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -780,10 +872,20 @@ pub struct TrimBody {
     pub dry_run: bool,
 }
 
+/// The answer of `/arena/trim`.
+#[derive(Debug, Serialize)]
+pub struct TrimAnswer {
+    /// Always "success".
+    pub status: &'static str,
+    /// What was (or would be) removed.
+    #[serde(flatten)]
+    pub report: TrimReport,
+}
+
 pub(super) async fn trim(
     State(s): State<Shared>,
     Body(body): Body<TrimBody>,
-) -> Result<Json<TrimReport>, ApiError> {
+) -> Result<Json<TrimAnswer>, ApiError> {
     if body.to_bytes.is_none()
         && body.older_than_secs.is_none()
         && body.category.is_none()
@@ -851,14 +953,17 @@ pub(super) async fn trim(
         dry_run = report.dry_run,
         "trim"
     );
-    Ok(Json(report))
+    Ok(Json(TrimAnswer {
+        status: SUCCESS,
+        report,
+    }))
 }
 
 pub(super) async fn reload(State(s): State<Shared>) -> Result<Json<Value>, ApiError> {
     let sh = s.clone();
     let result = blocking(move || sh.reloader.lock().reload()).await?;
     match result {
-        Ok(changed) => Ok(Json(json!({"status": "ok", "changed": changed}))),
+        Ok(changed) => Ok(Json(json!({"status": SUCCESS, "changed": changed}))),
         Err(e @ ReloadError::NoEnv) => {
             Err(ApiError::new(StatusCode::CONFLICT, "NO_ENV", e.to_string()))
         }
@@ -890,4 +995,112 @@ pub(super) async fn method_not_allowed(
         "METHOD_NOT_ALLOWED",
         format!("{} does not take {method}", uri.path()),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn list(n: usize, dup: usize) -> RefList {
+        let refs: Vec<String> = (0..n)
+            .map(|i| format!("\"loras/m{}.safetensors\"", i % dup))
+            .collect();
+        serde_json::from_str(&format!("[{}]", refs.join(","))).unwrap()
+    }
+
+    #[test]
+    fn a_list_over_the_limit_is_counted_not_kept() {
+        let at = list(MAX_REFERENCES, usize::MAX);
+        assert_eq!((at.count, at.refs.len()), (MAX_REFERENCES, MAX_REFERENCES));
+        assert_eq!(validate_list(&at).unwrap().len(), MAX_REFERENCES);
+        let over = list(MAX_REFERENCES + 5, usize::MAX);
+        assert_eq!(over.count, MAX_REFERENCES + 5);
+        assert_eq!(over.refs.len(), MAX_REFERENCES);
+        let e = validate_list(&over).unwrap_err();
+        assert_eq!(
+            (e.status, e.code),
+            (StatusCode::PAYLOAD_TOO_LARGE, "TOO_MANY_MODELS")
+        );
+        assert_eq!(e.extra["count"], MAX_REFERENCES + 5);
+        assert_eq!(e.extra["limit"], MAX_REFERENCES);
+        // What lies past the limit is skipped, whatever it is.
+        let odd: RefList = serde_json::from_str(&format!(
+            "[{}{}]",
+            "\"loras/a\",".repeat(MAX_REFERENCES),
+            r#"{"x":[1,2]},null,7"#
+        ))
+        .unwrap();
+        assert_eq!(odd.count, MAX_REFERENCES + 3);
+        assert!(serde_json::from_str::<RefList>("{}").is_err());
+    }
+
+    #[test]
+    fn duplicates_go_keeping_the_first_of_each_in_order() {
+        let refs: Vec<RefJson> = serde_json::from_value(json!([
+            "loras/b.safetensors",
+            {"category": "loras", "filename": "a.safetensors"},
+            "loras/b.safetensors",
+            "loras/a.safetensors",
+            "vae/c.safetensors",
+        ]))
+        .unwrap();
+        let names: Vec<String> = validate(&refs)
+            .unwrap()
+            .into_iter()
+            .map(|m| format!("{}/{}", m.category, m.filename))
+            .collect();
+        assert_eq!(
+            names,
+            [
+                "loras/b.safetensors",
+                "loras/a.safetensors",
+                "vae/c.safetensors"
+            ]
+        );
+        // Linear: a whole list of distinct references is quick (quadratic took minutes).
+        let start = std::time::Instant::now();
+        assert_eq!(validate(&list(MAX_REFERENCES, 7).refs).unwrap().len(), 7);
+        assert_eq!(
+            validate(&list(MAX_REFERENCES, usize::MAX).refs)
+                .unwrap()
+                .len(),
+            MAX_REFERENCES
+        );
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "{:?}",
+            start.elapsed()
+        );
+    }
+
+    #[test]
+    fn answers_follow_the_request_order() {
+        let named: Vec<Named> = ["b", "a", "gone"]
+            .iter()
+            .map(|n| Named {
+                category: "loras".into(),
+                filename: format!("{n}.safetensors"),
+                path: (*n != "gone").then(|| PathBuf::from(format!("loras/{n}.safetensors"))),
+            })
+            .collect();
+        let planned = vec![
+            Planned {
+                path: PathBuf::from("loras/a.safetensors"),
+                size: 10,
+                missing: 0,
+                outcome: Outcome::Complete,
+            },
+            Planned {
+                path: PathBuf::from("loras/b.safetensors"),
+                size: 20,
+                missing: 20,
+                outcome: Outcome::Queued,
+            },
+        ];
+        let a = plan_answers(&named, &planned);
+        assert_eq!(
+            a.iter().map(|m| (m.size, m.reason)).collect::<Vec<_>>(),
+            [(20, "queued"), (10, "complete"), (0, "not_found")]
+        );
+    }
 }

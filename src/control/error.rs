@@ -127,23 +127,37 @@ async fn read_body<S: Send + Sync>(
     })
 }
 
-impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for Body<T> {
+/// Bodies larger than this are parsed on the blocking pool, so that a large request never holds
+/// up the thread that answers `status` and `/metrics`.
+const PARSE_INLINE: usize = 64 * 1024;
+
+fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+    let bytes: &[u8] = if bytes.iter().all(u8::is_ascii_whitespace) {
+        b"{}"
+    } else {
+        bytes
+    };
+    serde_json::from_slice(bytes).map_err(|e| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "BAD_JSON",
+            format!("the request body is not valid: {e}"),
+        )
+    })
+}
+
+impl<S: Send + Sync, T: DeserializeOwned + Send + 'static> FromRequest<S> for Body<T> {
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
         let bytes = read_body(req, state, BODY_LIMIT).await?;
-        let bytes: &[u8] = if bytes.iter().all(u8::is_ascii_whitespace) {
-            b"{}"
-        } else {
-            &bytes
-        };
-        serde_json::from_slice(bytes).map(Body).map_err(|e| {
-            ApiError::new(
-                StatusCode::BAD_REQUEST,
-                "BAD_JSON",
-                format!("the request body is not valid: {e}"),
-            )
-        })
+        if bytes.len() <= PARSE_INLINE {
+            return parse_json(&bytes).map(Body);
+        }
+        tokio::task::spawn_blocking(move || parse_json(&bytes))
+            .await
+            .map_err(|e| ApiError::internal(format!("request failed: {e}")))?
+            .map(Body)
     }
 }
 

@@ -3,7 +3,9 @@
 //! Endpoints (docs/control-api.md): `GET /arena/status`, `GET /arena/stats`, `GET /arena/jobs`,
 //! `GET /metrics`, `POST /arena/autopatch`, `POST /arena/resolve`, `POST /arena/prefetch`,
 //! `POST /arena/trim`, `POST /arena/reload`, `POST /arena/workflow`. An optional TCP listener serves the same router
-//! behind a guard that only lets reads through unless a bearer token is configured.
+//! behind a guard that only lets reads through unless a bearer token is configured. Each listener
+//! serves a bounded number of connections and drops clients that are slow to send their request
+//! headers ([`Limits`]).
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -18,6 +20,7 @@ pub mod api;
 pub mod client;
 pub mod error;
 pub mod metrics;
+mod serve;
 
 use crate::cache::Cache;
 use crate::config::Live;
@@ -99,6 +102,28 @@ pub struct Listen {
     pub tcp: Option<std::net::SocketAddr>,
     /// Bearer token that allows changes over TCP (without one, TCP is read-only).
     pub token: Option<String>,
+    /// Bounds on the connections of each listener.
+    pub limits: Limits,
+}
+
+/// How each listener takes connections.
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    /// Connections served at once per listener; more are answered `503 TOO_MANY_CONNECTIONS`
+    /// and closed.
+    pub max_connections: usize,
+    /// How long a client may take to send a request's headers, and to start the next request
+    /// on a kept-alive connection; then the connection is closed.
+    pub header_timeout: std::time::Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_connections: 64,
+            header_timeout: std::time::Duration::from_secs(10),
+        }
+    }
 }
 
 /// Reads a token file: the first line, trimmed; refuses an empty one.
@@ -233,6 +258,7 @@ impl Server {
             None => None,
         };
         let token: Option<Arc<str>> = listen.token.as_deref().map(Arc::from);
+        let limits = listen.limits;
         let (tx, rx) = tokio::sync::watch::channel(false);
         let app = router(shared);
         let (done_tx, done) = std::sync::mpsc::channel();
@@ -244,16 +270,9 @@ impl Server {
                     .build()
                     .expect("tokio runtime");
                 rt.block_on(async move {
-                    let stop = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
-                        let _ = rx.wait_for(|v| *v).await;
-                    };
                     let unix = async {
                         match tokio::net::UnixListener::from_std(std_listener) {
-                            Ok(l) => {
-                                let _ = axum::serve(l, app.clone())
-                                    .with_graceful_shutdown(stop(rx.clone()))
-                                    .await;
-                            }
+                            Ok(l) => serve::serve(l, app.clone(), limits, rx.clone()).await,
                             Err(e) => tracing::error!(error = %e, "control socket unusable"),
                         }
                     };
@@ -264,9 +283,7 @@ impl Server {
                                 let guarded = app
                                     .clone()
                                     .layer(axum::middleware::from_fn_with_state(token, tcp_guard));
-                                let _ = axum::serve(l, guarded)
-                                    .with_graceful_shutdown(stop(rx.clone()))
-                                    .await;
+                                serve::serve(l, guarded, limits, rx.clone()).await
                             }
                             Err(e) => tracing::error!(error = %e, "control TCP listener unusable"),
                         }

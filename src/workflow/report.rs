@@ -56,6 +56,8 @@ struct Key {
 pub(crate) struct Report {
     models: Vec<ModelRef>,
     index: HashMap<Key, usize>,
+    /// (entry, node) pairs already recorded, so that merging stays linear in the nodes.
+    nodes_seen: HashSet<(usize, String)>,
     pub(crate) warnings: Warnings,
 }
 
@@ -170,11 +172,10 @@ impl Report {
             self.models.push(make());
             self.models.len() - 1
         });
-        if let Some(node) = node {
-            let nodes = &mut self.models[at].nodes;
-            if !nodes.iter().any(|n| n == node) {
-                nodes.push(node.to_owned());
-            }
+        if let Some(node) = node
+            && self.nodes_seen.insert((at, node.to_owned()))
+        {
+            self.models[at].nodes.push(node.to_owned());
         }
         at
     }
@@ -218,14 +219,15 @@ impl Report {
     /// two files; on a case-insensitive NAS they are one. Both are kept; the clash is reported.
     fn warn_case_variants(&mut self) {
         let mut spellings: BTreeMap<(String, String), Vec<&str>> = BTreeMap::new();
+        let mut seen: HashSet<(&str, &str)> = HashSet::new();
         for model in &self.models {
-            if let (Some(category), Some(path)) = (&model.category, &model.path) {
-                let seen = spellings
+            if let (Some(category), Some(path)) = (&model.category, &model.path)
+                && seen.insert((category, path))
+            {
+                spellings
                     .entry((category.clone(), path.to_lowercase()))
-                    .or_default();
-                if !seen.contains(&path.as_str()) {
-                    seen.push(path);
-                }
+                    .or_default()
+                    .push(path);
             }
         }
         let clashes: Vec<String> = spellings
@@ -311,6 +313,38 @@ mod tests {
         let list = w.into_vec();
         assert_eq!(list.len(), MAX_WARNINGS + 1);
         assert!(list[MAX_WARNINGS].contains("900 more"));
+    }
+
+    #[test]
+    fn many_nodes_on_one_file_merge_in_linear_time() {
+        let n = 100_000;
+        let start = std::time::Instant::now();
+        let mut r = Report::default();
+        for i in 0..n {
+            let node = (i % (n / 2)).to_string();
+            r.file(
+                ModelStatus::Exec,
+                "loras",
+                "a.safetensors",
+                None,
+                &node,
+                None,
+            );
+            // Case variants of one name, each its own entry.
+            let name: String = format!("{i:017b}")
+                .chars()
+                .map(|c| if c == '1' { 'A' } else { 'a' })
+                .collect();
+            r.file(ModelStatus::Exec, "vae", &name, None, "1", None);
+        }
+        let res = r.finish(WorkflowFormat::Api);
+        let elapsed = start.elapsed();
+        assert_eq!(res.models.len(), n + 1);
+        assert_eq!(res.models[0].nodes.len(), n / 2, "each node once");
+        assert_eq!(res.models[0].nodes[..3], ["0", "1", "2"]);
+        assert!(res.warnings.iter().any(|w| w.contains("letter case")));
+        // Quadratic merging took minutes here.
+        assert!(elapsed < std::time::Duration::from_secs(20), "{elapsed:?}");
     }
 
     #[test]

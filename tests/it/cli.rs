@@ -84,3 +84,36 @@ fn usage_errors_exit_2() {
     assert_eq!(code, 0);
     assert!(out.starts_with("arenafs "));
 }
+
+#[test]
+fn nodefault_permissions_needs_noallow_other() {
+    let dir = tempfile::tempdir().unwrap();
+    let (nas, mnt, cache) = (
+        dir.path().join("nas"),
+        dir.path().join("mnt"),
+        dir.path().join("cache"),
+    );
+    let args = |opts: &'static str| {
+        let mut a: Vec<String> = ["mount", "--foreground", "-o", opts, "--cache-dir"]
+            .map(String::from)
+            .to_vec();
+        for p in [&cache, &nas, &mnt] {
+            a.push(p.display().to_string());
+        }
+        a
+    };
+    for opts in ["nodefault_permissions", "allow_other,nodefault_permissions"] {
+        let a = args(opts);
+        let (code, _, err) = run(&a.iter().map(String::as_str).collect::<Vec<_>>(), &[]);
+        assert_eq!(code, 1, "{opts}: {err}");
+        assert!(
+            err.contains("nodefault_permissions needs noallow_other"),
+            "{opts}: {err}"
+        );
+    }
+    // Allowed with noallow_other: it goes on, here to the missing NAS directory.
+    let a = args("noallow_other,nodefault_permissions");
+    let (code, _, err) = run(&a.iter().map(String::as_str).collect::<Vec<_>>(), &[]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("NAS directory"), "{err}");
+}

@@ -92,7 +92,7 @@ fn status_resolve_and_the_cli_summary() {
 
     let st = m.status();
     for (k, v) in [
-        ("status", json!("ok")),
+        ("status", json!("success")),
         ("enabled", json!(true)),
         ("cache_state", json!("red")),
         ("discovery_mode", json!("workflow_only")),
@@ -178,7 +178,10 @@ fn status_resolve_and_the_cli_summary() {
     assert!(out.contains("1 complete"), "{out}");
     let (code, out, _) = cli(&["status", "--json", "--socket", sock(&m)]);
     assert_eq!(code, 0);
-    assert_eq!(serde_json::from_str::<Value>(&out).unwrap()["status"], "ok");
+    assert_eq!(
+        serde_json::from_str::<Value>(&out).unwrap()["status"],
+        "success"
+    );
     let (code, out, _) = cli(&[
         "resolve",
         "loras/big.safetensors",
@@ -216,6 +219,116 @@ fn status_resolve_and_the_cli_summary() {
     let mut m = m;
     m.unmount();
     assert!(!m.socket.exists(), "the socket goes with the mount");
+}
+
+/// Clients of the original node check `"status": "success"`, and read the four booleans of its
+/// `autopatch_status`.
+#[test]
+fn every_success_answers_success_like_the_original() {
+    require_mount!();
+    let d = Dirs::new();
+    d.nas_file("loras/a.safetensors", 2 * CHUNK as usize, 1);
+    d.nas_file("loras/b.safetensors", 2 * CHUNK as usize, 2);
+    d.nas_file("checkpoints/c.safetensors", CHUNK as usize, 3);
+    let env = d.tmp.path().join("arena.env");
+    fs::write(&env, "ARENA_CACHE_MAX_CONCURRENCY=2\n").unwrap();
+    let m = d.mount(&[
+        &format!("env={}", env.display()),
+        "min_size_mb=0",
+        "cache_cooldown_ms=0",
+    ]);
+    let success = |what: &str, v: &Value| assert_eq!(v["status"], "success", "{what}: {v}");
+    let flags = |st: &Value| -> [bool; 4] {
+        let ap = &st["autopatch_status"];
+        [
+            "started",
+            "patched",
+            "copy_worker_running",
+            "settings_initialized",
+        ]
+        .map(|k| ap[k].as_bool().unwrap_or_else(|| panic!("{k} in {st}")))
+    };
+
+    let st = m.status();
+    success("status", &st);
+    assert_eq!(flags(&st), [false, true, true, true], "{st}");
+    assert_eq!(
+        st["autopatch_status"]["state"], "idle",
+        "arenafs's own keys stay"
+    );
+    let get = |path: &str| client::call(&m.socket, "GET", path, None).unwrap();
+    success("stats", &get("/arena/stats"));
+    success("jobs", &get("/arena/jobs"));
+    let r = post(
+        &m,
+        "/arena/resolve",
+        json!({"models": ["loras/a.safetensors"]}),
+    )
+    .unwrap();
+    success("resolve", &r);
+
+    let r = post(
+        &m,
+        "/arena/autopatch",
+        json!({"action": "start", "required_models": [
+            {"category": "loras", "filename": "a.safetensors"}]}),
+    )
+    .unwrap();
+    success("autopatch start", &r);
+    let st = m.status();
+    assert_eq!(flags(&st), [true, true, true, true], "{st}");
+    m.wait_copies(1);
+    assert_eq!(
+        m.status()["autopatch_status"]["started"],
+        true,
+        "done, not stopped"
+    );
+    let r = post(&m, "/arena/autopatch", json!({"action": "stop"})).unwrap();
+    success("autopatch stop", &r);
+    assert_eq!(flags(&m.status()), [false, true, true, true]);
+
+    let r = post(
+        &m,
+        "/arena/prefetch",
+        json!({"models": ["loras/b.safetensors"]}),
+    )
+    .unwrap();
+    success("prefetch", &r);
+    m.wait_copies(2);
+    let r = post(
+        &m,
+        "/arena/trim",
+        json!({"category": "loras", "dry_run": true}),
+    )
+    .unwrap();
+    success("trim", &r);
+    assert_eq!(r["removed"].as_array().unwrap().len(), 2, "{r}");
+    let r = client::call_bytes(
+        &m.socket,
+        "POST",
+        "/arena/workflow",
+        Some(
+            br#"{"1":{"class_type":"CheckpointLoaderSimple","inputs":{"ckpt_name":"c.safetensors"}}}"#
+                .to_vec(),
+        ),
+    )
+    .unwrap();
+    success("workflow", &r);
+    let r = client::call(&m.socket, "POST", "/arena/reload", None).unwrap();
+    success("reload", &r);
+
+    // Gray: the copy worker makes nothing any more.
+    fs::write(&env, "ARENA_AUTO_CACHE_ENABLED=0\n").unwrap();
+    let r = client::call(&m.socket, "POST", "/arena/reload", None).unwrap();
+    success("reload", &r);
+    let st = m.status();
+    assert_eq!(st["cache_state"], "gray", "{st}");
+    assert_eq!(flags(&st), [false, true, false, true], "{st}");
+
+    // Errors keep their shape.
+    let (_, code, body) = api_err(post(&m, "/arena/prefetch", json!({"models": []})));
+    assert_eq!(code, "EMPTY_REQUIRED_SET");
+    assert_eq!(body["status"], "error");
 }
 
 #[test]
@@ -732,13 +845,141 @@ fn malformed_requests_do_not_hurt_the_daemon() {
     drop(idle);
 
     // Still serving: status, and reads through the mount.
-    assert_eq!(m.status()["status"], "ok");
+    assert_eq!(m.status()["status"], "success");
     assert_eq!(fs::read(m.path("loras/a.safetensors")).unwrap(), data);
     assert!(
         m.log().lines().all(|l| !l.contains("panicked")),
         "{}",
         m.log()
     );
+}
+
+/// A GET on a fresh connection that must be answered within `bound`; returns (HTTP status, time).
+fn timed_get(socket: &Path, path: &str, bound: Duration) -> (u16, Duration) {
+    let start = std::time::Instant::now();
+    let mut s = UnixStream::connect(socket).unwrap();
+    s.set_read_timeout(Some(bound)).unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut out = Vec::new();
+    if let Err(e) = s.read_to_end(&mut out) {
+        panic!("GET {path}: no answer within {bound:?} ({e})");
+    }
+    let code = String::from_utf8_lossy(&out)
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    (code, start.elapsed())
+}
+
+/// Sends `request` from a thread while `status` and `/metrics` are asked for, each of which
+/// must answer within a few seconds; returns the answer to `request`.
+fn while_status_answers(socket: &Path, request: Vec<u8>) -> String {
+    let sock = socket.to_path_buf();
+    let big = std::thread::spawn(move || raw(&sock, &request));
+    let bound = Duration::from_secs(5);
+    let mut rounds = 0;
+    while rounds < 3 || !big.is_finished() {
+        for path in ["/arena/status", "/metrics"] {
+            let (code, took) = timed_get(socket, path, bound);
+            assert_eq!(code, 200, "{path}");
+            eprintln!("{path} answered in {took:?}");
+        }
+        rounds += 1;
+    }
+    big.join().unwrap()
+}
+
+#[test]
+fn a_flood_of_references_is_refused_while_status_answers() {
+    require_mount!();
+    let d = Dirs::new();
+    d.nas_file("loras/a.safetensors", CHUNK as usize, 1);
+    let m = d.mount(&["min_size_mb=0", "cache_cooldown_ms=0"]);
+    let limit = arenafs::control::api::MAX_REFERENCES;
+
+    // 200,000 distinct references: about 5 MB, within the body limit.
+    let many: Vec<String> = (0..200_000)
+        .map(|i| format!("\"loras/m{i}.safetensors\""))
+        .collect();
+    let list = many.join(",");
+    for (path, body) in [
+        ("/arena/resolve", format!("{{\"models\":[{list}]}}")),
+        ("/arena/prefetch", format!("{{\"models\":[{list}]}}")),
+        (
+            "/arena/autopatch",
+            format!("{{\"action\":\"start\",\"required_models\":[{list}]}}"),
+        ),
+    ] {
+        assert!(body.len() < 8 << 20);
+        let answer = while_status_answers(&m.socket, post_raw(path, body.as_bytes()));
+        assert!(status_line(&answer).contains(" 413 "), "{path}: {answer}");
+        assert!(
+            answer.contains("\"code\":\"TOO_MANY_MODELS\""),
+            "{path}: {answer}"
+        );
+        assert!(answer.contains("\"count\":200000"), "{path}: {answer}");
+        assert!(
+            answer.contains(&format!("\"limit\":{limit}")),
+            "{path}: {answer}"
+        );
+    }
+    assert_eq!(m.status()["jobs"], json!([]), "nothing queued");
+    assert_eq!(m.status()["autopatch_status"]["state"], "idle");
+
+    // Up to the limit, duplicates included, is answered; duplicates are merged.
+    let refs: Vec<Value> = (0..limit)
+        .map(|i| match i % 3 {
+            0 => json!("loras/a.safetensors"),
+            1 => json!({"category": "loras", "filename": "a.safetensors"}),
+            _ => json!(format!("loras/n{}.safetensors", i % 1000)),
+        })
+        .collect();
+    let body = serde_json::to_vec(&json!({ "models": refs })).unwrap();
+    let answer = while_status_answers(&m.socket, post_raw("/arena/resolve", &body));
+    assert!(status_line(&answer).contains(" 200 "), "{answer}");
+    let r: Value = serde_json::from_str(answer.split_once("\r\n\r\n").unwrap().1).unwrap();
+    assert_eq!(r["totals"]["models"], 1 + 1000, "{}", r["totals"]);
+    assert_eq!(r["totals"]["found"], 1);
+    assert_eq!(r["models"][0]["path"], "loras/a.safetensors");
+
+    // A workflow naming more files than that is refused the same way.
+    let nodes: serde_json::Map<String, Value> = (0..=limit)
+        .map(|i| {
+            (
+                i.to_string(),
+                json!({"class_type": "CheckpointLoaderSimple",
+                       "inputs": {"ckpt_name": format!("c{i}.safetensors")}}),
+            )
+        })
+        .collect();
+    let body = serde_json::to_vec(&Value::Object(nodes)).unwrap();
+    let answer = while_status_answers(&m.socket, post_raw("/arena/workflow", &body));
+    assert!(status_line(&answer).contains(" 413 "), "{answer}");
+    assert!(answer.contains("TOO_MANY_MODELS"), "{answer}");
+    assert!(
+        answer.contains(&format!("\"count\":{}", limit + 1)),
+        "{answer}"
+    );
+
+    // A large workflow body (tens of MiB) is parsed away from the thread that answers status.
+    let filler = "x".repeat(1 << 10);
+    let nodes: serde_json::Map<String, Value> = (0..40_000)
+        .map(|i| {
+            (
+                i.to_string(),
+                json!({"class_type": "Note", "inputs": {"text": filler}}),
+            )
+        })
+        .collect();
+    let body = serde_json::to_vec(&Value::Object(nodes)).unwrap();
+    assert!(body.len() > 32 << 20 && body.len() < arenafs::workflow::MAX_WORKFLOW_BYTES);
+    let answer = while_status_answers(&m.socket, post_raw("/arena/workflow", &body));
+    assert!(status_line(&answer).contains(" 200 "), "{answer}");
 }
 
 #[test]
@@ -785,6 +1026,68 @@ fn socket_group_and_the_tcp_listener() {
     let (code, body) = tcp(port, "POST", "/arena/reload", Some("Bearer s3cret-token"));
     assert_eq!(code, 409, "reached the endpoint (no env file): {body}");
     assert!(body.contains("NO_ENV"));
+}
+
+/// Each listener serves a bounded number of connections; a client that does not send its request
+/// headers in time is dropped, which frees its place.
+#[test]
+fn connections_are_capped_and_slow_headers_time_out() {
+    require_mount!();
+    let d = Dirs::new();
+    let port = free_port();
+    let m = d.mount(&[
+        &format!("listen=127.0.0.1:{port}"),
+        "control_connections=4",
+        "control_header_timeout=3",
+    ]);
+    let connect = || {
+        let s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+        s
+    };
+    // Four connections take every place: two say nothing, two send half a request (slow loris).
+    let start = std::time::Instant::now();
+    let mut held: Vec<std::net::TcpStream> = (0..4).map(|_| connect()).collect();
+    for s in &mut held[2..] {
+        s.write_all(b"GET /arena/status HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+            .unwrap();
+    }
+    // The fifth is answered at once, with an error, and closed.
+    let mut fifth = connect();
+    fifth
+        .write_all(b"GET /arena/status HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let mut answer = String::new();
+    fifth.read_to_string(&mut answer).unwrap();
+    assert!(status_line(&answer).contains(" 503 "), "{answer}");
+    assert!(
+        answer.contains("\"code\":\"TOO_MANY_CONNECTIONS\""),
+        "{answer}"
+    );
+    assert!(answer.contains("\"status\":\"error\""), "{answer}");
+    // The unix socket has places of its own: status answers there.
+    let (code, _) = timed_get(&m.socket, "/arena/status", Duration::from_secs(5));
+    assert_eq!(code, 200);
+
+    // Who does not finish its headers within the timeout is disconnected, without an answer.
+    for (i, s) in held.iter_mut().enumerate() {
+        let mut got = Vec::new();
+        s.read_to_end(&mut got).unwrap_or_else(|e| {
+            panic!("connection {i} still open after {:?}: {e}", start.elapsed())
+        });
+        assert!(got.is_empty(), "{i}: {}", String::from_utf8_lossy(&got));
+    }
+    let closed_after = start.elapsed();
+    assert!(
+        closed_after >= Duration::from_millis(2900) && closed_after < Duration::from_secs(12),
+        "{closed_after:?}"
+    );
+    // Their places are free again.
+    wait_for(
+        "a place on the TCP listener",
+        Duration::from_secs(10),
+        || tcp(port, "GET", "/arena/status", None).0 == 200,
+    );
 }
 
 #[test]
