@@ -118,7 +118,7 @@ pub fn run(
         Arc::new(Foreground::default()),
     );
     let health = Arc::new(crate::health::Health::default());
-    health.start(nas.clone())?;
+    health.start(nas.clone(), cfg.nas_timeout)?;
     worker.watch_health(health.clone());
     let passthrough = Arc::new(AtomicBool::new(false));
     let vfs = Vfs::new(

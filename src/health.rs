@@ -16,7 +16,8 @@ use crate::source::Nas;
 
 /// Time between probes.
 pub const PROBE_INTERVAL: Duration = Duration::from_secs(1);
-/// A probe that takes longer than this makes the NAS offline.
+/// A probe that takes longer than this makes the NAS offline (or `nas_timeout`, if shorter: the
+/// verdict comes no later than the first NAS call's deadline).
 pub const PROBE_TIMEOUT: Duration = Duration::from_secs(3);
 
 #[derive(Debug)]
@@ -108,8 +109,10 @@ impl Health {
         }
     }
 
-    /// Starts the prober and its watchdog. Stops when [`Health::stop`] is called.
-    pub fn start(self: &Arc<Self>, nas: Arc<Nas>) -> std::io::Result<()> {
+    /// Starts the prober and its watchdog; a probe that takes longer than `nas_timeout` (at
+    /// most [`PROBE_TIMEOUT`]) makes the NAS offline. Stops when [`Health::stop`] is called.
+    pub fn start(self: &Arc<Self>, nas: Arc<Nas>, nas_timeout: Duration) -> std::io::Result<()> {
+        let timeout = PROBE_TIMEOUT.min(nas_timeout);
         let me = self.clone();
         std::thread::Builder::new()
             .name("arenafs-probe".into())
@@ -142,14 +145,14 @@ impl Health {
                         if st.stop {
                             return;
                         }
-                        me.wake.wait_for(&mut st, PROBE_INTERVAL / 2);
-                        st.running_since
-                            .is_some_and(|t| t.elapsed() > PROBE_TIMEOUT)
+                        me.wake
+                            .wait_for(&mut st, (timeout / 4).min(PROBE_INTERVAL / 2));
+                        st.running_since.is_some_and(|t| t.elapsed() > timeout)
                     };
                     if hung && !me.offline() {
                         me.set(Err(format!(
-                            "the NAS did not answer within {} s",
-                            PROBE_TIMEOUT.as_secs()
+                            "the NAS did not answer within {:.1} s",
+                            timeout.as_secs_f64()
                         )));
                     }
                 }

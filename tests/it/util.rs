@@ -18,6 +18,12 @@ use sha2::{Digest, Sha256};
 pub const CHUNK: u64 = arenafs::daemon::CHUNK_SIZE;
 pub const BIN: &str = env!("CARGO_BIN_EXE_arenafs");
 
+/// The daemon the mount tests run: this build's, or the one `ARENAFS_TEST_BIN` names (to run
+/// the tests against another build, e.g. to see a new test fail before its fix).
+pub fn daemon_bin() -> String {
+    std::env::var("ARENAFS_TEST_BIN").unwrap_or_else(|_| BIN.to_string())
+}
+
 /// Whether mount tests can run here. Under `CI=true` a machine that cannot mount is a failure.
 pub fn can_mount() -> bool {
     let root = nix::unistd::geteuid().is_root();
@@ -158,7 +164,7 @@ impl Mounted {
                 .unwrap()
                 .as_nanos()
         ));
-        let mut cmd = Command::new(BIN);
+        let mut cmd = Command::new(daemon_bin());
         cmd.arg("mount")
             .arg(nas)
             .arg(mnt)
