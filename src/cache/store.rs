@@ -259,9 +259,11 @@ pub struct Store {
     db: parking_lot::RwLock<Option<Database>>,
     /// Ordered by path (component-wise), so everything below a directory is one range.
     entries: Mutex<BTreeMap<PathBuf, EntryRecord>>,
-    /// Owner and mode of directories above entries (see [`DIRS`]).
+    /// Owner and mode of NAS directories seen (this run, or recorded in [`DIRS`] by an earlier
+    /// one); those with entries below them are recorded.
     dirs: Mutex<BTreeMap<PathBuf, Perms>>,
-    /// Directories whose record changed since the last [`Store::flush_access`].
+    /// Directories not recorded as they are now (made durable by [`Store::flush_access`] once
+    /// something is cached below them).
     dirs_dirty: Mutex<BTreeSet<PathBuf>>,
     next_id: AtomicU64,
     reserved_until: Mutex<u64>,
@@ -527,16 +529,14 @@ impl Store {
         self.dirs.lock().get(rel).copied()
     }
 
-    /// Notes the owner and mode of NAS directory `rel`, when something is cached below it
-    /// (made durable by [`Store::flush_access`]).
+    /// Notes the owner and mode of NAS directory `rel` (made durable by
+    /// [`Store::flush_access`] once something is cached below it).
     pub fn note_dir(&self, rel: &Path, perms: Perms) {
-        if self.dirs.lock().get(rel) == Some(&perms) {
+        let mut dirs = self.dirs.lock();
+        if dirs.get(rel) == Some(&perms) {
             return;
         }
-        if range_under(&self.entries.lock(), rel).next().is_none() {
-            return;
-        }
-        self.dirs.lock().insert(rel.to_path_buf(), perms);
+        dirs.insert(rel.to_path_buf(), perms);
         self.dirs_dirty.lock().insert(rel.to_path_buf());
     }
 
@@ -585,17 +585,29 @@ impl Store {
         Ok(records.len())
     }
 
-    /// Writes the directory records noted since the last call in one transaction.
+    /// Writes, in one transaction, the directory records noted since they were last written,
+    /// of the directories with something cached below them (the others wait until there is).
     fn flush_dirs(&self) -> Result<(), StoreError> {
-        let dirty = std::mem::take(&mut *self.dirs_dirty.lock());
-        if dirty.is_empty() {
+        let ready: Vec<PathBuf> = {
+            let dirty = self.dirs_dirty.lock();
+            if dirty.is_empty() {
+                return Ok(());
+            }
+            let entries = self.entries.lock();
+            dirty
+                .iter()
+                .filter(|d| range_under(&entries, d).next().is_some())
+                .cloned()
+                .collect()
+        };
+        if ready.is_empty() {
             return Ok(());
         }
         let records: Vec<(PathBuf, Perms)> = {
             let dirs = self.dirs.lock();
-            dirty
-                .into_iter()
-                .filter_map(|p| dirs.get(&p).map(|d| (p, *d)))
+            ready
+                .iter()
+                .filter_map(|p| dirs.get(p).map(|d| (p.clone(), *d)))
                 .collect()
         };
         self.write_txn(|txn| {
@@ -608,7 +620,16 @@ impl Store {
                     .map_err(index_err)?;
             }
             Ok(())
-        })
+        })?;
+        // Still dirty: those noted again with other perms meanwhile.
+        let dirs = self.dirs.lock();
+        let mut dirty = self.dirs_dirty.lock();
+        for (p, d) in &records {
+            if dirs.get(p) == Some(d) {
+                dirty.remove(p);
+            }
+        }
+        Ok(())
     }
 
     /// A value persisted across runs (e.g. statistics totals).

@@ -185,6 +185,7 @@ impl Vfs {
             health,
         } = parts;
         let root = nas.stat(Path::new(""))?;
+        cache.store().note_dir(Path::new(""), Perms::of(&root));
         Ok(Arc::new(Self {
             nas,
             cache,

@@ -449,3 +449,54 @@ fn download_tools_and_renames() {
         || m.status()["jobs"].as_array().unwrap().is_empty(),
     );
 }
+
+/// POSIX (pjdfstest `chmod/12.t`): a write by someone else than the owner succeeds and clears
+/// the set-user-ID and set-group-ID bits of the file, as it would on the NAS directly.
+#[test]
+fn a_write_by_another_user_clears_set_id_bits() {
+    require_mount!();
+    for passthrough in ["1", "0"] {
+        let d = Dirs::new();
+        fs::create_dir(d.nas.join("loras")).unwrap();
+        for dir in [&d.tmp.path().to_path_buf(), &d.mnt] {
+            fs::set_permissions(dir, fs::Permissions::from_mode(0o755)).unwrap();
+        }
+        let m = d.mount(&[&format!("passthrough={passthrough}")]);
+        for (i, mode) in [0o4777, 0o2777, 0o6777].into_iter().enumerate() {
+            let p = m.path(&format!("loras/f{i}"));
+            fs::write(&p, b"").unwrap();
+            fs::set_permissions(&p, fs::Permissions::from_mode(mode)).unwrap();
+            // O_WRONLY without O_TRUNC, one byte at offset 0, then fstat on the same descriptor.
+            let out = sh_as(
+                65534,
+                65534,
+                "65534",
+                &format!(
+                    "printf x | dd of={} conv=notrunc status=none && stat -c %a {}",
+                    p.display(),
+                    p.display()
+                ),
+            );
+            assert!(
+                out.status.success(),
+                "passthrough={passthrough}, mode {mode:o}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            let nas_mode = fs::metadata(d.nas.join(format!("loras/f{i}")))
+                .unwrap()
+                .permissions()
+                .mode()
+                & 0o7777;
+            assert_eq!(
+                nas_mode, 0o777,
+                "passthrough={passthrough}: set-id bits of {mode:o} kept on the NAS"
+            );
+            assert_eq!(
+                fs::metadata(&p).unwrap().permissions().mode() & 0o7777,
+                0o777,
+                "passthrough={passthrough}: the mount shows set-id bits the NAS cleared"
+            );
+            assert_eq!(fs::read(&p).unwrap(), b"x");
+        }
+    }
+}
