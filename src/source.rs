@@ -561,8 +561,23 @@ mod tests {
         std::fs::write(outside.path().join("secret"), b"x").unwrap();
         let dir = tempfile::tempdir().unwrap();
         symlink(outside.path(), dir.path().join("evil")).unwrap();
+        symlink("secret", outside.path().join("link")).unwrap();
         let nas = Nas::open(dir.path()).unwrap();
         assert!(nas.open_file(Path::new("evil/secret")).is_err());
+        // Metadata too: a directory swapped for a symlink after it was looked up must not lead
+        // a stat, a listing or a readlink outside.
+        assert!(nas.stat(Path::new("evil/secret")).is_err());
+        assert!(nas.readlink(Path::new("evil/link")).is_err());
+        assert!(nas.read_dir(Path::new("evil")).is_err());
+        assert!(
+            nas.stat_children(Path::new("evil"), &[OsStr::new("secret")])
+                .is_err()
+        );
+        // The symlink itself is seen as a symlink.
+        assert_eq!(
+            DirEntryKind::from_mode(nas.stat(Path::new("evil")).unwrap().st_mode),
+            DirEntryKind::Symlink
+        );
     }
 
     #[test]

@@ -29,28 +29,52 @@ use parking_lot::{Condvar, Mutex};
 /// How long the kernel may cache what the NAS says (short: the tests change the NAS often).
 const TTL: Duration = Duration::from_millis(100);
 
+/// A gate requests wait at while it is closed.
+#[derive(Default)]
+struct Gate {
+    closed: Mutex<bool>,
+    opened: Condvar,
+    /// Requests waiting at it.
+    waiting: AtomicUsize,
+}
+
+impl Gate {
+    fn pass(&self) {
+        let mut closed = self.closed.lock();
+        if *closed {
+            self.waiting.fetch_add(1, Ordering::SeqCst);
+            while *closed {
+                self.opened.wait(&mut closed);
+            }
+            self.waiting.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+
+    fn set(&self, closed: bool) {
+        *self.closed.lock() = closed;
+        if !closed {
+            self.opened.notify_all();
+        }
+    }
+}
+
 /// What the tests steer.
 #[derive(Default)]
 struct Control {
-    hung: Mutex<bool>,
-    go_on: Condvar,
-    /// Requests waiting because the NAS hangs.
-    waiting: AtomicUsize,
+    /// Every request waits here (a hung NAS).
+    all: Gate,
+    /// Truncations (an open with `O_TRUNC`, a `setattr` of the size) wait here.
+    truncates: Gate,
     /// Errno `flush` fails with (0: none).
     flush_errno: AtomicI32,
+    /// `fsyncdir` requests answered.
+    dir_syncs: AtomicUsize,
 }
 
 impl Control {
     /// Waits while the NAS hangs.
     fn gate(&self) {
-        let mut hung = self.hung.lock();
-        if *hung {
-            self.waiting.fetch_add(1, Ordering::SeqCst);
-            while *hung {
-                self.go_on.wait(&mut hung);
-            }
-            self.waiting.fetch_sub(1, Ordering::SeqCst);
-        }
+        self.all.pass();
     }
 }
 
@@ -179,6 +203,9 @@ impl Filesystem for Fs {
         reply: ReplyAttr,
     ) {
         self.control.gate();
+        if size.is_some() {
+            self.control.truncates.pass();
+        }
         let p = tryr!(reply, self.path(ino));
         if let Some(m) = mode {
             tryr!(
@@ -265,6 +292,9 @@ impl Filesystem for Fs {
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         self.control.gate();
+        if flags.0 & libc::O_TRUNC != 0 {
+            self.control.truncates.pass();
+        }
         let p = tryr!(reply, self.path(ino));
         let acc = flags.0 & libc::O_ACCMODE;
         let f = OpenOptions::new()
@@ -425,6 +455,19 @@ impl Filesystem for Fs {
         reply.ok();
     }
 
+    fn fsyncdir(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        self.control.gate();
+        self.control.dir_syncs.fetch_add(1, Ordering::SeqCst);
+        reply.ok();
+    }
+
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
         self.control.gate();
         let s = tryr!(
@@ -482,18 +525,32 @@ impl FaultNas {
 
     /// From now on every request waits (a hung NAS).
     pub fn hang(&self) {
-        *self.control.hung.lock() = true;
+        self.control.all.set(true);
     }
 
     /// Requests are answered again.
     pub fn resume(&self) {
-        *self.control.hung.lock() = false;
-        self.control.go_on.notify_all();
+        self.control.all.set(false);
     }
 
     /// Requests waiting because the NAS hangs.
     pub fn waiting(&self) -> usize {
-        self.control.waiting.load(Ordering::SeqCst)
+        self.control.all.waiting.load(Ordering::SeqCst)
+    }
+
+    /// Truncations wait (`true`) or go on (`false`).
+    pub fn hold_truncates(&self, hold: bool) {
+        self.control.truncates.set(hold);
+    }
+
+    /// Truncations waiting.
+    pub fn truncates_waiting(&self) -> usize {
+        self.control.truncates.waiting.load(Ordering::SeqCst)
+    }
+
+    /// `fsyncdir` requests answered so far.
+    pub fn dir_syncs(&self) -> usize {
+        self.control.dir_syncs.load(Ordering::SeqCst)
     }
 
     /// `flush` (every `close(2)` of a descriptor) fails with `errno` (0: succeeds again).
@@ -505,6 +562,7 @@ impl FaultNas {
 impl Drop for FaultNas {
     fn drop(&mut self) {
         self.resume();
+        self.hold_truncates(false);
         let _ = nix::mount::umount2(&self.dir, nix::mount::MntFlags::MNT_DETACH);
         drop(self.session.take());
     }

@@ -254,3 +254,57 @@ fn a_close_error_on_the_nas_reaches_the_writer() {
         drop(nas);
     }
 }
+
+/// `fsync` of a directory through the mount syncs the NAS directory (its new entries made
+/// durable there), instead of answering without it.
+#[test]
+fn fsync_of_a_directory_reaches_the_nas() {
+    require_mount!();
+    let s = Setup::new();
+    s.file("loras/a.safetensors", 100, 1);
+    let nas = FaultNas::mount(&s.back, &s.nas);
+    let m = s.mount(&[]);
+    fs::write(m.path("loras/b.safetensors"), b"new").unwrap();
+    let before = nas.dir_syncs();
+    fs::File::open(m.path("loras")).unwrap().sync_all().unwrap();
+    assert_eq!(nas.dir_syncs(), before + 1, "the NAS directory was not synced");
+    drop(m);
+}
+
+/// A writer that truncates a file with a complete copy: a reader opening the file between the
+/// writer's wait for copy readers and its truncation on the NAS must not make the writer fail
+/// after the NAS file is already truncated.
+#[test]
+fn a_truncating_open_never_fails_after_truncating() {
+    require_mount!();
+    let s = Setup::new();
+    let old = s.file("checkpoints/m.safetensors", 8 << 20, 1);
+    let new = random_bytes(5 << 20, 2);
+    let nas = FaultNas::mount(&s.back, &s.nas);
+    let m = s.mount(&["min_size_mb=0"]);
+    let p = m.path("checkpoints/m.safetensors");
+    assert_eq!(fs::read(&p).unwrap(), old);
+    m.wait_copies(1);
+
+    nas.hold_truncates(true);
+    let writer = std::thread::spawn({
+        let (p, new) = (p.clone(), new.clone());
+        move || fs::write(&p, &new)
+    });
+    wait_for("the writer's truncation on the NAS", Duration::from_secs(20), || {
+        nas.truncates_waiting() > 0
+    });
+    // A reader opens the file while the writer's open is in the NAS.
+    let reader = fs::File::open(&p).unwrap();
+    nas.hold_truncates(false);
+    let written = writer.join().unwrap();
+    assert!(
+        written.is_ok(),
+        "the writer failed after the NAS file was truncated: {written:?}\n{}",
+        m.log()
+    );
+    drop(reader);
+    assert_eq!(fs::read(s.back.join("checkpoints/m.safetensors")).unwrap(), new);
+    assert_eq!(fs::read(&p).unwrap(), new);
+    drop(m);
+}
