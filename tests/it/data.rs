@@ -410,3 +410,56 @@ fn ordinary_tools_and_python_see_the_nas() {
     m.wait_copies(1);
     assert_eq!(run_py(&m.path("checkpoints/sd.safetensors")), want, "warm");
 }
+
+/// A reader holds a complete copy through passthrough while another machine appends to the NAS
+/// file: `fstat` through the reader's descriptor (what a loader does before `mmap`) and `stat`
+/// of the path show the size of what the reader reads, so a mapping of that size works. Once
+/// the reader closes, the mount shows the NAS file as it is now.
+#[test]
+fn a_held_copy_reports_the_size_it_serves() {
+    use std::io::Write;
+    require_mount!();
+    let d = Dirs::new();
+    let old = d.nas_file("checkpoints/m.safetensors", 3 * CHUNK as usize, 1);
+    let m = d.mount(&["min_size_mb=0", "attr_timeout=0"]);
+    let p = m.path("checkpoints/m.safetensors");
+    assert_eq!(fs::read(&p).unwrap(), old);
+    m.wait_copies(1);
+    let before = m.stats().opens_passthrough;
+    let reader = fs::File::open(&p).unwrap();
+    assert_eq!(m.stats().opens_passthrough, before + 1, "a passthrough open");
+
+    let mut nas = fs::OpenOptions::new()
+        .append(true)
+        .open(d.nas.join("checkpoints/m.safetensors"))
+        .unwrap();
+    nas.write_all(&[7u8; 1 << 20]).unwrap();
+    drop(nas);
+    assert_eq!(reader.metadata().unwrap().len(), old.len() as u64, "fstat");
+    assert_eq!(fs::metadata(&p).unwrap().len(), old.len() as u64, "stat");
+    // A mapping of the size fstat shows reads the copy whole. (A new open is refused with
+    // ETXTBSY until the reader closes: the kernel has one backing file per inode.)
+    let len = reader.metadata().unwrap().len() as usize;
+    // SAFETY: a read-only private mapping of a file we hold open, copied out and unmapped; the
+    // slice does not outlive the mapping.
+    let mapped = unsafe {
+        let ptr = libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ,
+            libc::MAP_PRIVATE,
+            reader.as_raw_fd(),
+            0,
+        );
+        assert_ne!(ptr, libc::MAP_FAILED);
+        let out = std::slice::from_raw_parts(ptr as *const u8, len).to_vec();
+        libc::munmap(ptr, len);
+        out
+    };
+    assert_eq!(mapped, old);
+    drop(reader);
+    assert_eq!(fs::metadata(&p).unwrap().len(), old.len() as u64 + (1 << 20));
+    let now = fs::read(&p).unwrap();
+    assert_eq!(&now[..old.len()], &old[..]);
+    assert_eq!(now.len(), old.len() + (1 << 20));
+}
