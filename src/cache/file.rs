@@ -303,6 +303,12 @@ impl CacheFile {
         Ok(true)
     }
 
+    /// Holds the lock a [`Self::persist`] holds across its `fdatasync` (tests: a long fsync).
+    #[cfg(test)]
+    pub(crate) fn hold_persist(&self) -> parking_lot::MutexGuard<'_, u64> {
+        self.persist_lock.lock()
+    }
+
     /// Disables the copy and removes it from the store, excluding a concurrent [`Self::persist`].
     pub fn discard(&self, store: &Store) -> Result<(), StoreError> {
         let _guard = self.persist_lock.lock();

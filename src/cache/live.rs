@@ -428,3 +428,144 @@ fn flusher(cache: Weak<Cache>, rx: mpsc::Receiver<Arc<CacheFile>>) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+    use std::sync::Arc;
+    use std::time::{Duration, Instant};
+
+    use super::*;
+    use crate::config::Settings;
+
+    const CHUNK: u64 = 4096;
+
+    /// A cache over an empty store, and a directory standing in for the NAS.
+    fn cache() -> (tempfile::TempDir, Arc<Cache>) {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("nas")).unwrap();
+        let store = Store::open(&dir.path().join("cache")).unwrap();
+        let c = Cache::new(
+            store,
+            IdentityRule::SizeMtimeIno,
+            CHUNK,
+            Arc::new(Live::new(Settings::default())),
+            Arc::new(Stats::default()),
+        );
+        (dir, c)
+    }
+
+    /// A NAS file of `chunks` chunks: its open file and identity.
+    fn nas_file(dir: &Path, name: &str, chunks: u64) -> (std::fs::File, Identity) {
+        let p = dir.join("nas").join(name);
+        std::fs::write(&p, vec![name.len() as u8; (chunks * CHUNK) as usize]).unwrap();
+        let f = std::fs::File::open(&p).unwrap();
+        let id = IdentityRule::SizeMtimeIno.identity(&nix::sys::stat::fstat(&f).unwrap());
+        (f, id)
+    }
+
+    fn partial(found: Found) -> Arc<CacheFile> {
+        match found {
+            Found::Partial(cf) => cf,
+            other => panic!("expected a partial copy, got {other:?}"),
+        }
+    }
+
+    /// Waits until thread `tid` of this process sleeps (blocked on a lock).
+    fn wait_blocked(tid: i32) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let stat = std::fs::read_to_string(format!("/proc/self/task/{tid}/stat")).unwrap();
+            let state = stat
+                .rsplit(')')
+                .next()
+                .unwrap()
+                .split_whitespace()
+                .next()
+                .unwrap();
+            if state == "S" || state == "D" {
+                return;
+            }
+            assert!(Instant::now() < deadline, "thread {tid} never blocked");
+            std::thread::yield_now();
+        }
+    }
+
+    /// While the copy of one file is being made durable (its `fdatasync` can take seconds for a
+    /// multi-GB file) and something drops it, finding another file's copy does not wait.
+    #[test]
+    fn an_open_never_waits_for_another_files_fsync() {
+        let (dir, c) = cache();
+        let (_fb, idb) = nas_file(dir.path(), "b", 2);
+        let (_fa, ida) = nas_file(dir.path(), "aa", 2);
+        let b = partial(c.find(Path::new("b"), idb, None, true, false).unwrap());
+        let fsync = b.hold_persist(); // the flusher syncing b's data
+        let (tx, rx) = std::sync::mpsc::channel();
+        let dropper = std::thread::spawn({
+            let c = c.clone();
+            move || {
+                // SAFETY: gettid has no preconditions.
+                tx.send(unsafe { libc::gettid() }).unwrap();
+                c.discard(Path::new("b")).unwrap();
+            }
+        });
+        wait_blocked(rx.recv().unwrap());
+        let (done_tx, done) = std::sync::mpsc::channel();
+        let opener = std::thread::spawn({
+            let c = c.clone();
+            move || {
+                let found = c.find(Path::new("aa"), ida, None, true, false).unwrap();
+                done_tx.send(()).unwrap();
+                drop(found);
+            }
+        });
+        let waited = done.recv_timeout(Duration::from_secs(10));
+        drop(fsync);
+        dropper.join().unwrap();
+        opener.join().unwrap();
+        assert!(
+            waited.is_ok(),
+            "finding one copy waited for another copy's fsync"
+        );
+    }
+
+    /// An eviction of a path and an open of it never interleave: no index record is left (or
+    /// made again) for a data file that was deleted.
+    #[test]
+    fn find_and_discard_of_one_path_are_exclusive() {
+        let (dir, c) = cache();
+        let rel = Path::new("m");
+        for round in 0..60 {
+            let (nas, id) = nas_file(dir.path(), "m", 2);
+            // A partial copy in the index, not in use.
+            {
+                let cf = partial(c.find(rel, id, None, true, false).unwrap());
+                cf.read(&nas, 0, 1).unwrap();
+                cf.persist(c.store(), 1).unwrap();
+            }
+            let nas = Arc::new(nas);
+            let dropper = std::thread::spawn({
+                let c = c.clone();
+                move || c.discard(Path::new("m")).unwrap()
+            });
+            let opener = std::thread::spawn({
+                let (c, nas) = (c.clone(), nas.clone());
+                move || {
+                    if let Ok(Found::Partial(cf)) = c.find(Path::new("m"), id, None, false, false) {
+                        let _ = cf.read(&nas, CHUNK, 1);
+                        let _ = cf.persist(c.store(), 2);
+                    }
+                }
+            });
+            dropper.join().unwrap();
+            opener.join().unwrap();
+            if let Some(rec) = c.store().get(rel) {
+                assert!(
+                    c.store().data_path(rec.id).exists(),
+                    "round {round}: an index record for a deleted data file"
+                );
+            }
+            c.discard(rel).unwrap();
+        }
+    }
+}

@@ -427,7 +427,11 @@ fn a_held_copy_reports_the_size_it_serves() {
     m.wait_copies(1);
     let before = m.stats().opens_passthrough;
     let reader = fs::File::open(&p).unwrap();
-    assert_eq!(m.stats().opens_passthrough, before + 1, "a passthrough open");
+    assert_eq!(
+        m.stats().opens_passthrough,
+        before + 1,
+        "a passthrough open"
+    );
 
     let mut nas = fs::OpenOptions::new()
         .append(true)
@@ -458,7 +462,10 @@ fn a_held_copy_reports_the_size_it_serves() {
     };
     assert_eq!(mapped, old);
     drop(reader);
-    assert_eq!(fs::metadata(&p).unwrap().len(), old.len() as u64 + (1 << 20));
+    assert_eq!(
+        fs::metadata(&p).unwrap().len(),
+        old.len() as u64 + (1 << 20)
+    );
     let now = fs::read(&p).unwrap();
     assert_eq!(&now[..old.len()], &old[..]);
     assert_eq!(now.len(), old.len() + (1 << 20));

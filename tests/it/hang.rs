@@ -267,7 +267,11 @@ fn fsync_of_a_directory_reaches_the_nas() {
     fs::write(m.path("loras/b.safetensors"), b"new").unwrap();
     let before = nas.dir_syncs();
     fs::File::open(m.path("loras")).unwrap().sync_all().unwrap();
-    assert_eq!(nas.dir_syncs(), before + 1, "the NAS directory was not synced");
+    assert_eq!(
+        nas.dir_syncs(),
+        before + 1,
+        "the NAS directory was not synced"
+    );
     drop(m);
 }
 
@@ -291,9 +295,11 @@ fn a_truncating_open_never_fails_after_truncating() {
         let (p, new) = (p.clone(), new.clone());
         move || fs::write(&p, &new)
     });
-    wait_for("the writer's truncation on the NAS", Duration::from_secs(20), || {
-        nas.truncates_waiting() > 0
-    });
+    wait_for(
+        "the writer's truncation on the NAS",
+        Duration::from_secs(20),
+        || nas.truncates_waiting() > 0,
+    );
     // A reader opens the file while the writer's open is in the NAS.
     let reader = fs::File::open(&p).unwrap();
     nas.hold_truncates(false);
@@ -304,7 +310,10 @@ fn a_truncating_open_never_fails_after_truncating() {
         m.log()
     );
     drop(reader);
-    assert_eq!(fs::read(s.back.join("checkpoints/m.safetensors")).unwrap(), new);
+    assert_eq!(
+        fs::read(s.back.join("checkpoints/m.safetensors")).unwrap(),
+        new
+    );
     assert_eq!(fs::read(&p).unwrap(), new);
     drop(m);
 }
