@@ -89,6 +89,10 @@ keys! {
         "Glob patterns (comma-separated; ':' in -o) of NAS-relative paths whose copies are never evicted or trimmed unless named explicitly.";
     "ARENA_CACHE_PREFETCH_ALLOWLIST", "cache_prefetch_allowlist", [], "", "/etc/arenafs/prefetch.txt",
         "File listing models to copy with ARENA_CACHE_PREFETCH_STRATEGY=prefetch_allowlist: one category/file per line, # comments.";
+    "ARENA_CACHE_IDENTITY", "cache_identity", ["identity"], "size_mtime_ino", "size_mtime",
+        "What makes a cache copy still the NAS file's: size_mtime_ino (size, mtime in ns and inode number), size_mtime (for NAS mounts without stable inode numbers, e.g. SMB with noserverino) or size_mtime_ino_ctime (also the change time: catches rewrites that restore the mtime, drops copies on any metadata change). Read at mount. Files modified less than 2 s ago are read from the NAS, not copied.";
+    "ARENA_CACHE_STABLE_SECS", "cache_stable_secs", ["stable_secs"], "2", "3",
+        "A file modified less than this many seconds ago is read from the NAS, not copied: NAS timestamps can be coarse (1 s on SMB, 2 s on FAT-backed shares), and a file rewritten within one tick would keep its identity with other bytes. 0 for a NAS with nanosecond timestamps.";
     "ARENA_CACHE_MIN_FREE_GB", "cache_min_free_gb", [], "5% of the cache file system", "50",
         "Free space (GB, 10^9 bytes) always left on the cache file system; copies stop and old copies are evicted to keep it.";
 }
@@ -199,6 +203,11 @@ pub struct Settings {
     pub prefetch_allowlist: Option<PathBuf>,
     /// Free-space reserve in bytes; `None` = 5 % of the cache file system.
     pub min_free: Option<u64>,
+    /// What makes a copy still the NAS file's (read at mount).
+    pub identity: crate::source::IdentityRule,
+    /// Files modified less recently than this are not copied yet.
+    #[serde(with = "millis")]
+    pub stable_after: Duration,
 }
 
 mod millis {
@@ -234,6 +243,8 @@ impl Default for Settings {
             pin: Vec::new(),
             prefetch_allowlist: None,
             min_free: None,
+            identity: crate::source::IdentityRule::SizeMtimeIno,
+            stable_after: Duration::from_secs(2),
         }
     }
 }
@@ -522,6 +533,20 @@ impl Builder {
                 }
             }
             "ARENA_CACHE_VERBOSE" => s.verbose = boolean(v)?,
+            "ARENA_CACHE_STABLE_SECS" => {
+                let secs = v
+                    .trim()
+                    .parse::<f64>()
+                    .ok()
+                    .filter(|f| f.is_finite() && (0.0..=3600.0).contains(f))
+                    .ok_or_else(|| format!("'{v}' is not a number of seconds from 0 to 3600"))?;
+                s.stable_after = Duration::from_secs_f64(secs);
+            }
+            "ARENA_CACHE_IDENTITY" => {
+                s.identity = crate::source::IdentityRule::parse(v).ok_or_else(|| {
+                    format!("'{v}' is not size_mtime, size_mtime_ino or size_mtime_ino_ctime")
+                })?
+            }
             "ARENA_CACHE_DISCOVERY" => {
                 s.discovery = match v.to_ascii_lowercase().as_str() {
                     "workflow_only" => Discovery::WorkflowOnly,
@@ -895,6 +920,8 @@ pub fn display_value(s: &Settings, env: &str) -> String {
         "ARENA_CACHE_CATEGORIES" => s.effective_categories().join(","),
         "ARENA_CACHE_CATEGORIES_MODE" => format!("{:?}", s.categories_mode).to_ascii_lowercase(),
         "ARENA_CACHE_VERBOSE" => b(s.verbose),
+        "ARENA_CACHE_IDENTITY" => s.identity.name().into(),
+        "ARENA_CACHE_STABLE_SECS" => format!("{}", s.stable_after.as_secs_f64()),
         "ARENA_CACHE_DISCOVERY" => match s.discovery {
             Discovery::WorkflowOnly => "workflow_only".into(),
             Discovery::ManualOnly => "manual_only".into(),

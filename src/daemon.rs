@@ -16,7 +16,7 @@ use crate::fs::ArenaFs;
 use crate::mount::{self, KernelOptions};
 use crate::options::MountOptions;
 use crate::reload::Reloader;
-use crate::source::{IdentityRule, Nas};
+use crate::source::Nas;
 use crate::stats::Stats;
 use crate::vfs::{FsOptions, Vfs};
 use crate::worker::{Foreground, Worker};
@@ -67,7 +67,7 @@ pub fn run(
         match crate::cache::adopt::adopt(
             &store,
             &nas,
-            IdentityRule::SizeMtimeIno,
+            loaded.settings.identity,
             CHUNK_SIZE,
             old,
             Default::default(),
@@ -97,7 +97,7 @@ pub fn run(
     let stats = Arc::new(Stats::default());
     let cache = Cache::new(
         store,
-        IdentityRule::SizeMtimeIno,
+        loaded.settings.identity,
         CHUNK_SIZE,
         live.clone(),
         stats.clone(),

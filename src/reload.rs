@@ -114,7 +114,7 @@ impl Reloader {
                 (a != b).then(|| format!("{}: {a} -> {b}", k.env))
             })
             .collect();
-        for k in ["ARENA_CACHE_ROOT", "ARENA_NAS_ROOT"] {
+        for k in ["ARENA_CACHE_ROOT", "ARENA_NAS_ROOT", "ARENA_CACHE_IDENTITY"] {
             if changed.iter().any(|c| c.starts_with(k)) {
                 tracing::warn!(key = k, "changes to this key apply at the next mount");
             }

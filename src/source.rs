@@ -27,29 +27,94 @@ pub struct Identity {
     pub mtime_ns: i64,
     /// Inode number on the NAS; 0 when the identity rule ignores inode numbers.
     pub ino: u64,
+    /// Change time, nanoseconds since the epoch; 0 when the identity rule ignores it.
+    pub ctime_ns: i64,
 }
 
-/// Which fields of a NAS file's metadata make up its identity.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// Which fields of a NAS file's metadata make up its identity (`ARENA_CACHE_IDENTITY`,
+/// `-o identity=`; docs/design-choices.md says when to choose which).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
 pub enum IdentityRule {
-    /// Size and mtime (ns): for NAS mounts whose inode numbers change across remounts.
+    /// Size and mtime (ns): for NAS mounts whose inode numbers are not stable (SMB with
+    /// `noserverino`, some FUSE-based NAS clients).
     SizeMtime,
     /// Size, mtime (ns) and inode number: the default; also catches a file replaced by rename
     /// with its size and mtime preserved (`cp -p` then `mv`).
+    #[default]
     SizeMtimeIno,
+    /// Also the change time: catches a rewrite that restored the old mtime (`touch -r`, `rsync
+    /// -t` in place), at the cost of dropping copies on any metadata change (chmod, rename).
+    SizeMtimeInoCtime,
 }
 
 impl IdentityRule {
+    /// Every rule, by its setting name.
+    pub const ALL: [(&'static str, IdentityRule); 3] = [
+        ("size_mtime", IdentityRule::SizeMtime),
+        ("size_mtime_ino", IdentityRule::SizeMtimeIno),
+        ("size_mtime_ino_ctime", IdentityRule::SizeMtimeInoCtime),
+    ];
+
+    /// The rule a setting names.
+    pub fn parse(name: &str) -> Option<Self> {
+        let name = name.trim().to_ascii_lowercase();
+        Self::ALL.iter().find(|(n, _)| *n == name).map(|(_, r)| *r)
+    }
+
+    /// The setting name of the rule.
+    pub fn name(self) -> &'static str {
+        Self::ALL
+            .iter()
+            .find(|(_, r)| *r == self)
+            .map(|(n, _)| *n)
+            .expect("every rule has a name")
+    }
+
     /// The identity of a file under this rule.
     pub fn identity(self, st: &FileStat) -> Identity {
-        Identity {
+        self.mask(Identity {
             size: st.st_size as u64,
             mtime_ns: st.st_mtime.saturating_mul(1_000_000_000) + st.st_mtime_nsec,
-            ino: match self {
-                IdentityRule::SizeMtime => 0,
-                IdentityRule::SizeMtimeIno => st.st_ino,
-            },
+            ino: st.st_ino,
+            ctime_ns: st.st_ctime.saturating_mul(1_000_000_000) + st.st_ctime_nsec,
+        })
+    }
+
+    /// `identity` with the fields this rule ignores cleared: an identity recorded under a
+    /// stricter rule compares equal, one recorded under a looser rule (its fields cleared)
+    /// does not match a file whose identity needs them.
+    pub fn mask(self, identity: Identity) -> Identity {
+        let (ino, ctime) = match self {
+            IdentityRule::SizeMtime => (false, false),
+            IdentityRule::SizeMtimeIno => (true, false),
+            IdentityRule::SizeMtimeInoCtime => (true, true),
+        };
+        Identity {
+            ino: if ino { identity.ino } else { 0 },
+            ctime_ns: if ctime { identity.ctime_ns } else { 0 },
+            ..identity
         }
+    }
+}
+
+/// How long until a file with `identity` (as the NAS clock sees it) was last modified `window`
+/// ago (`ARENA_CACHE_STABLE_SECS`) and may be copied; zero when it was. NAS timestamps can be as
+/// coarse as a second or two (SMB, FAT-backed shares), so a file rewritten twice within one tick
+/// could keep its mtime, and its identity, with other bytes: it is read from the NAS until then.
+pub fn unstable_for(identity: &Identity, window: std::time::Duration) -> std::time::Duration {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as i64)
+        .unwrap_or(0);
+    let age = now.saturating_sub(identity.mtime_ns);
+    let stable = window.as_nanos() as i64;
+    if age >= stable {
+        std::time::Duration::ZERO
+    } else {
+        // A file stamped in the future (a NAS clock ahead of ours) waits until our clock
+        // passes its mtime by the margin.
+        std::time::Duration::from_nanos((stable - age) as u64)
     }
 }
 
@@ -577,6 +642,60 @@ mod tests {
         assert_eq!(
             DirEntryKind::from_mode(nas.stat(Path::new("evil")).unwrap().st_mode),
             DirEntryKind::Symlink
+        );
+    }
+
+    #[test]
+    fn rules_by_name_and_masks() {
+        for (name, rule) in IdentityRule::ALL {
+            assert_eq!(IdentityRule::parse(name), Some(rule));
+            assert_eq!(rule.name(), name);
+        }
+        assert_eq!(
+            IdentityRule::parse(" Size_Mtime "),
+            Some(IdentityRule::SizeMtime)
+        );
+        assert_eq!(IdentityRule::parse("size"), None);
+        let full = Identity {
+            size: 1,
+            mtime_ns: 2,
+            ino: 3,
+            ctime_ns: 4,
+        };
+        let ino_only = IdentityRule::SizeMtimeIno.mask(full);
+        assert_eq!((ino_only.ino, ino_only.ctime_ns), (3, 0));
+        // Recorded under a stricter rule: still matches under a looser one.
+        assert_eq!(
+            IdentityRule::SizeMtime.mask(full),
+            IdentityRule::SizeMtime.mask(ino_only)
+        );
+        // Recorded under a looser rule: does not match under a stricter one.
+        assert_ne!(IdentityRule::SizeMtimeInoCtime.mask(ino_only), full);
+    }
+
+    #[test]
+    fn young_files_wait() {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos() as i64;
+        let at = |mtime_ns| Identity {
+            size: 1,
+            mtime_ns,
+            ino: 0,
+            ctime_ns: 0,
+        };
+        let two = std::time::Duration::from_secs(2);
+        assert_eq!(
+            unstable_for(&at(now - 10_000_000_000), two),
+            std::time::Duration::ZERO
+        );
+        let wait = unstable_for(&at(now - 500_000_000), two);
+        assert!(wait > std::time::Duration::from_millis(1000) && wait <= two);
+        assert!(unstable_for(&at(now + 60_000_000_000), two) > two);
+        assert_eq!(
+            unstable_for(&at(now), std::time::Duration::ZERO),
+            std::time::Duration::ZERO
         );
     }
 

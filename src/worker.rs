@@ -602,6 +602,14 @@ impl Worker {
             Err(JobError::Skipped(why)) => {
                 tracing::info!(path = %job.rel.display(), why, "copy stopped");
             }
+            // Not an attempt: the file is read from the NAS until its mtime is old enough.
+            Err(JobError::NotYet(wait)) if !st.stopping => {
+                tracing::debug!(path = %job.rel.display(), ?wait, "modified too recently to copy; waiting");
+                job.not_before = Instant::now() + wait;
+                if st.queued.insert(job.rel.clone()) {
+                    st.queue.push_back(job);
+                }
+            }
             Err(e) => {
                 Stats::add(&self.stats.copies_failed, 1);
                 tracing::warn!(path = %job.rel.display(), error = %e, "copy failed");
@@ -614,6 +622,10 @@ impl Worker {
         let file = self.nas.open_file(rel).map_err(JobError::Retry)?;
         let st = nix::sys::stat::fstat(&file).map_err(|e| JobError::Retry(e.into()))?;
         let identity = self.cache.rule().identity(&st);
+        let young = crate::source::unstable_for(&identity, self.live.settings().stable_after);
+        if !young.is_zero() {
+            return Err(JobError::NotYet(young));
+        }
         if self.live.settings().state() != CacheState::Red {
             return Err(JobError::Skipped("caching is not active"));
         }
@@ -746,6 +758,9 @@ enum JobError {
     Skipped(&'static str),
     #[error("cache error: {0}")]
     Cache(String),
+    /// The NAS file was modified too recently to copy (`ARENA_CACHE_STABLE_SECS`).
+    #[error("modified too recently; again in {0:?}")]
+    NotYet(Duration),
 }
 
 #[cfg(test)]

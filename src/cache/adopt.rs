@@ -291,7 +291,7 @@ fn decide(
     let identity = rule.identity(&st);
     if store
         .get(&target)
-        .is_some_and(|e| e.identity == identity && e.is_complete())
+        .is_some_and(|e| rule.mask(e.identity) == identity && e.is_complete())
     {
         return Ok(Decision::Not("already_cached"));
     }

@@ -224,7 +224,8 @@ impl Cache {
         let Some(rec) = self.store.get(rel) else {
             return Ok(Found::None);
         };
-        if rec.identity != identity {
+        // A record made under a stricter rule matches when the fields this rule uses do.
+        if self.rule.mask(rec.identity) != identity {
             tracing::info!(path = %rel.display(), "NAS file changed; dropping its cache copy");
             self.store.remove(rel, rec.id)?;
             return Ok(Found::None);
@@ -276,7 +277,9 @@ impl Cache {
             return map.len() - map.present_bytes();
         }
         match self.store.get(rel) {
-            Some(rec) if rec.identity == identity => rec.map.len() - rec.map.present_bytes(),
+            Some(rec) if self.rule.mask(rec.identity) == identity => {
+                rec.map.len() - rec.map.present_bytes()
+            }
             _ => identity.size,
         }
     }

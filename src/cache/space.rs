@@ -306,6 +306,7 @@ mod tests {
                     size: *size,
                     mtime_ns: i as i64,
                     ino: i as u64,
+                    ctime_ns: 0,
                 },
                 map,
                 last_access: *atime,

@@ -172,18 +172,20 @@ pub struct EntryRecord {
 }
 
 impl EntryRecord {
-    /// Version 2: version, id, size, mtime ns, ino, chunk size, last access (u64 each), a perms
-    /// flag (u8) and, if set, mode, uid, gid (u32) and NAS inode (u64), then the chunk map as a
-    /// word count (u32) and its words (u64). Little endian.
+    /// Version 2: version, id, size, mtime ns, ino, ctime ns, chunk size, last access (u64
+    /// each), a perms flag (u8) and, if set, mode, uid, gid (u32) and NAS inode (u64), then the
+    /// chunk map as a word count (u32) and its words (u64). Little endian. (Version 1: no ctime,
+    /// no perms.)
     fn encode(&self) -> Vec<u8> {
         let words = self.map.words();
-        let mut out = Vec::with_capacity(1 + 8 * 6 + 1 + Perms::LEN + 4 + words.len() * 8);
+        let mut out = Vec::with_capacity(1 + 8 * 7 + 1 + Perms::LEN + 4 + words.len() * 8);
         out.push(RECORD_VERSION);
         for v in [
             self.id,
             self.identity.size,
             self.identity.mtime_ns as u64,
             self.identity.ino,
+            self.identity.ctime_ns as u64,
             self.map.chunk_size(),
             self.last_access,
         ] {
@@ -205,23 +207,31 @@ impl EntryRecord {
 
     fn decode(bytes: &[u8]) -> Option<Self> {
         let (&version, rest) = bytes.split_first()?;
-        if rest.len() < 6 * 8 {
+        let words = match version {
+            1 => 6,
+            2 => 7,
+            _ => return None,
+        };
+        if rest.len() < words * 8 {
             return None;
         }
         let u = |i: usize| u64::from_le_bytes(rest[i * 8..i * 8 + 8].try_into().unwrap());
-        let (id, size, mtime_ns, ino, chunk_size, last_access) =
-            (u(0), u(1), u(2), u(3), u(4), u(5));
+        let (id, size, mtime_ns, ino) = (u(0), u(1), u(2), u(3));
+        let (ctime_ns, chunk_size, last_access) = match version {
+            1 => (0, u(4), u(5)),
+            _ => (u(4), u(5), u(6)),
+        };
+        let rest = &rest[words * 8..];
         let (perms, tail) = match version {
-            1 => (None, &rest[48..]),
-            2 => match *rest.get(48)? {
-                0 => (None, &rest[49..]),
+            1 => (None, rest),
+            _ => match *rest.first()? {
+                0 => (None, &rest[1..]),
                 1 => {
-                    let p = Perms::decode(rest.get(49..49 + Perms::LEN)?)?;
-                    (Some(p), &rest[49 + Perms::LEN..])
+                    let p = Perms::decode(rest.get(1..1 + Perms::LEN)?)?;
+                    (Some(p), &rest[1 + Perms::LEN..])
                 }
                 _ => return None,
             },
-            _ => return None,
         };
         let nwords = u32::from_le_bytes(tail.get(..4)?.try_into().unwrap()) as usize;
         let body = &tail[4..];
@@ -238,6 +248,7 @@ impl EntryRecord {
                 size,
                 mtime_ns: mtime_ns as i64,
                 ino,
+                ctime_ns: ctime_ns as i64,
             },
             map: ChunkMap::from_words(size, chunk_size, words)?,
             last_access,
@@ -895,6 +906,7 @@ mod tests {
                 size,
                 mtime_ns: -5,
                 ino: 77,
+                ctime_ns: 123_456_789,
             },
             map,
             last_access: 123,
@@ -920,6 +932,7 @@ mod tests {
             &[10, 0, 0, 0, 0, 0, 0, 0],                        // size
             &[0xfb, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff], // mtime ns (-5)
             &[77, 0, 0, 0, 0, 0, 0, 0],                        // identity inode
+            &[0x15, 0xcd, 0x5b, 0x07, 0, 0, 0, 0],             // ctime ns (123456789)
             &[4, 0, 0, 0, 0, 0, 0, 0],                         // chunk size
             &[123, 0, 0, 0, 0, 0, 0, 0],                       // last access
             &[1],                                              // perms present
@@ -940,22 +953,24 @@ mod tests {
         wrong[0] = 3;
         assert!(EntryRecord::decode(&wrong).is_none());
         let mut wrong = bytes.clone();
-        wrong[49] = 2; // neither absent nor present
+        wrong[57] = 2; // neither absent nor present
         assert!(EntryRecord::decode(&wrong).is_none());
 
         // Without perms: the flag is 0 and nothing follows it but the map.
         r.perms = None;
         let bytes = r.encode();
-        let mut golden_none = golden[..49].to_vec();
+        let mut golden_none = golden[..57].to_vec();
         golden_none.push(0);
-        golden_none.extend_from_slice(&golden[70..]);
+        golden_none.extend_from_slice(&golden[78..]);
         assert_eq!(bytes, golden_none);
         assert_eq!(EntryRecord::decode(&bytes), Some(r.clone()));
 
-        // A version 1 record (before perms) still reads, as a record without perms.
-        let mut v1 = golden[..49].to_vec();
+        // A version 1 record (no ctime, no perms) still reads, as a record without them.
+        let mut v1 = golden[..33].to_vec();
         v1[0] = 1;
-        v1.extend_from_slice(&golden[70..]);
+        v1.extend_from_slice(&golden[41..57]);
+        v1.extend_from_slice(&golden[78..]);
+        r.identity.ctime_ns = 0;
         assert_eq!(EntryRecord::decode(&v1), Some(r));
     }
 

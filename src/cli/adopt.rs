@@ -36,7 +36,7 @@ pub(crate) fn adopt(a: AdoptArgs) -> Result<()> {
     let report = arenafs::cache::adopt::adopt(
         &store,
         &nas,
-        arenafs::source::IdentityRule::SizeMtimeIno,
+        loaded.settings.identity,
         arenafs::daemon::CHUNK_SIZE,
         &a.old_root,
         arenafs::cache::adopt::AdoptOptions {

@@ -65,7 +65,10 @@ impl Vfs {
             .get_mut(ino)
             .is_some_and(|n| n.io.writing());
         // Red makes copies; green only serves complete ones; gray never gets here (Disabled).
-        let making = self.live.settings().state() == CacheState::Red;
+        // A file modified too recently is not copied yet (coarse NAS timestamps).
+        let settings = self.live.settings();
+        let making = settings.state() == CacheState::Red
+            && crate::source::unstable_for(&identity, settings.stable_after).is_zero();
         let cacheable =
             !writing && self.live.policy().decide(rel, identity.size) == Decision::Cache;
         // A copy found is pinned (kept from eviction) until the handle closes.
@@ -230,8 +233,10 @@ impl Vfs {
             .get(rel)
             .filter(|e| e.is_complete())
             .ok_or(FsError::Offline)?;
+        // The identity recorded at the last check, as the rule in force sees it.
+        let identity = self.cache.rule().mask(rec.identity);
         // Pinned against eviction like any open copy (found under the path's lock).
-        let path = match self.cache.find(rel, rec.identity, None, false, true) {
+        let path = match self.cache.find(rel, identity, None, false, true) {
             Ok(Found::Complete(p)) => p,
             Ok(Found::Partial(_)) => {
                 self.cache.close_ref(rel);
@@ -259,10 +264,10 @@ impl Vfs {
             cache_ref: Some(rel.to_path_buf()),
             stale: node.stale.clone(),
             writer: false,
-            identity: Some(rec.identity),
+            identity: Some(identity),
             attr,
         };
-        let mode = match node.io.plan_offline_reader(rec.identity, passthrough) {
+        let mode = match node.io.plan_offline_reader(identity, passthrough) {
             ReaderPlan::Share(b)
                 if matches!(node.io.backing_file(), Some(BackingFile::Copy(_))) =>
             {
@@ -276,8 +281,7 @@ impl Vfs {
             ReaderPlan::StartCopyPassthrough => match register(&data) {
                 Ok(b) => {
                     let b = Arc::new(b);
-                    node.io
-                        .joined_passthrough(&b, BackingFile::Copy(rec.identity));
+                    node.io.joined_passthrough(&b, BackingFile::Copy(identity));
                     handle.kind = HandleKind::Passthrough {
                         backing: b.clone(),
                         copy: true,

@@ -279,6 +279,7 @@ mod tests {
             size,
             mtime_ns: 1,
             ino: 2,
+            ctime_ns: 0,
         }
     }
 

@@ -470,3 +470,50 @@ fn a_held_copy_reports_the_size_it_serves() {
     assert_eq!(&now[..old.len()], &old[..]);
     assert_eq!(now.len(), old.len() + (1 << 20));
 }
+
+/// The identity rule is a setting: with `size_mtime_ino_ctime`, a file rewritten in place whose
+/// mtime was put back (`touch -r`, `rsync -t`) is seen as changed; copies made under a stricter
+/// rule are still used after a switch to a looser one.
+#[test]
+fn the_identity_rule_is_a_setting() {
+    require_mount!();
+    let d = Dirs::new();
+    let c = CHUNK as usize;
+    let old = d.nas_file("loras/m.safetensors", 2 * c, 1);
+    let nas = d.nas.join("loras/m.safetensors");
+    let mut m = d.mount(&[
+        "min_size_mb=0",
+        "identity=size_mtime_ino_ctime",
+        "attr_timeout=0",
+    ]);
+    let p = m.path("loras/m.safetensors");
+    assert_eq!(fs::read(&p).unwrap(), old);
+    m.wait_copies(1);
+    // Rewritten in place with other bytes of the same size, the mtime put back.
+    let mtime = fs::metadata(&nas).unwrap().modified().unwrap();
+    let new = crate::util::random_bytes(2 * c, 2);
+    {
+        use std::os::unix::fs::FileExt;
+        let f = fs::OpenOptions::new().write(true).open(&nas).unwrap();
+        f.write_all_at(&new, 0).unwrap();
+        f.set_modified(mtime).unwrap();
+    }
+    assert_eq!(fs::metadata(&nas).unwrap().modified().unwrap(), mtime);
+    assert_eq!(fs::read(&p).unwrap(), new, "the ctime tells the rewrite");
+    m.wait_copies(1);
+    m.unmount();
+
+    // The copy (made under the ctime rule) serves a mount with a looser rule.
+    let m = d.mount(&["min_size_mb=0", "identity=size_mtime"]);
+    let before = m.stats();
+    assert_eq!(fs::read(m.path("loras/m.safetensors")).unwrap(), new);
+    let after = m.stats();
+    assert_eq!(
+        after.bytes_fetched, before.bytes_fetched,
+        "served from the copy"
+    );
+    assert_eq!(
+        after.opens_passthrough + after.opens_ssd,
+        before.opens_passthrough + before.opens_ssd + 1
+    );
+}

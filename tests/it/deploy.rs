@@ -298,7 +298,7 @@ fn unit_exec_lines_run_with_readiness_notification() {
     fs::write(
         &env_file,
         format!(
-            "ARENA_NAS_ROOT={}\nARENA_CACHE_ROOT={}\nARENA_CACHE_MIN_SIZE_MB=0\n",
+            "ARENA_NAS_ROOT={}\nARENA_CACHE_ROOT={}\nARENA_CACHE_MIN_SIZE_MB=0\nARENA_CACHE_STABLE_SECS=0\n",
             nas.display(),
             cache.display()
         ),

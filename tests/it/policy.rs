@@ -423,3 +423,52 @@ fn manual_only_discovery_completes_nothing_by_itself() {
     assert_eq!(s.bytes_fetched, 3 * CHUNK, "reads keep what they fetched");
     assert_eq!(complete(&m), 0);
 }
+
+/// A NAS file modified less than `stable_secs` ago is read from the NAS but not copied (coarse
+/// NAS timestamps could hide a second rewrite); once its mtime is old enough, it is copied.
+/// A prefetch of such a file waits for it and then copies it.
+#[test]
+fn a_file_modified_a_moment_ago_is_copied_once_it_settles() {
+    require_mount!();
+    let d = Dirs::new();
+    let data = d.nas_file("loras/fresh.safetensors", 2 * CHUNK as usize, 1);
+    let m = d.mount(&["min_size_mb=0", "stable_secs=3600"]);
+    let p = m.path("loras/fresh.safetensors");
+    assert_eq!(fs::read(&p).unwrap(), data);
+    let st = m.stats();
+    assert_eq!(st.bytes_fetched, 0, "nothing cached: {st:?}");
+    assert_eq!(st.opens_nas, 1, "{st:?}");
+    assert_eq!(m.status()["cache_entries"], 0);
+    // An hour old now (another machine's `touch`): copied as it is read.
+    let st = std::process::Command::new("touch")
+        .args(["-d", "2 hours ago"])
+        .arg(d.nas.join("loras/fresh.safetensors"))
+        .status()
+        .unwrap();
+    assert!(st.success());
+    // The kernel's attributes expire within the attribute timeout; it reads the new identity.
+    crate::util::wait_for(
+        "a copy of the settled file",
+        Duration::from_secs(30),
+        || {
+            assert_eq!(fs::read(&p).unwrap(), data);
+            m.status()["cache_complete_entries"] == 1
+        },
+    );
+    drop(m);
+
+    // A prefetch of a file modified just now: copied once it is a second old.
+    let d = Dirs::new();
+    let data = d.nas_file("loras/new.safetensors", 2 * CHUNK as usize, 2);
+    let m = d.mount(&["min_size_mb=0", "stable_secs=1"]);
+    let answer = arenafs::control::client::call_bytes(
+        &m.socket,
+        "POST",
+        "/arena/prefetch",
+        Some(br#"{"models":["loras/new.safetensors"]}"#.to_vec()),
+    )
+    .unwrap();
+    assert_eq!(answer["status"], "success", "{answer}");
+    m.wait_copies(1);
+    assert_eq!(fs::read(m.path("loras/new.safetensors")).unwrap(), data);
+}
