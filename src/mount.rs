@@ -125,39 +125,46 @@ pub fn absolute(mountpoint: &Path) -> io::Result<PathBuf> {
     Ok(out)
 }
 
+/// Whether the FUSE mount at `mountpoint` has lost its daemon. `statfs` always asks the
+/// daemon (a `stat` may be answered from attributes the kernel still caches), so it fails with
+/// `ENOTCONN` at once on a connection whose daemon died.
+fn connection_lost(mountpoint: &Path) -> bool {
+    matches!(
+        nix::sys::statfs::statfs(mountpoint),
+        Err(nix::errno::Errno::ENOTCONN | nix::errno::Errno::ECONNABORTED)
+    )
+}
+
 /// Checks the mount point; clears a stale arenafs mount there (and only an arenafs one).
 pub fn prepare_mountpoint(mountpoint: &Path) -> Result<(), MountError> {
     let err = |reason: String| MountError::MountPoint {
         path: mountpoint.to_path_buf(),
         reason,
     };
-    match std::fs::metadata(mountpoint) {
-        Ok(md) if md.is_dir() => {
-            if let Some(m) = mount_at(mountpoint) {
-                return Err(err(format!(
-                    "busy: already a mount point ({} from {})",
-                    m.fstype, m.source
-                )));
-            }
-            Ok(())
+    if let Some(m) = mount_at(mountpoint) {
+        if !connection_lost(mountpoint) {
+            return Err(err(format!(
+                "busy: already a mount point ({} from {})",
+                m.fstype, m.source
+            )));
         }
-        Ok(_) => Err(err("not a directory".into())),
-        Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => match mount_at(mountpoint) {
-            Some(m) if m.fstype == FSTYPE => {
-                nix::mount::umount2(mountpoint, MntFlags::MNT_DETACH)
-                    .map_err(|e| err(format!("cannot clear the stale arenafs mount: {e}")))?;
-                tracing::warn!(
-                    mountpoint = %mountpoint.display(),
-                    "cleared a stale arenafs mount left by a daemon that died"
-                );
-                prepare_mountpoint(mountpoint)
-            }
-            Some(m) => Err(err(format!(
+        if m.fstype != FSTYPE {
+            return Err(err(format!(
                 "transport endpoint is not connected: a stale {} mount that is not arenafs's; not touching it",
                 m.fstype
-            ))),
-            None => Err(err("transport endpoint is not connected".into())),
-        },
+            )));
+        }
+        nix::mount::umount2(mountpoint, MntFlags::MNT_DETACH)
+            .map_err(|e| err(format!("cannot clear the stale arenafs mount: {e}")))?;
+        tracing::warn!(
+            mountpoint = %mountpoint.display(),
+            "cleared a stale arenafs mount left by a daemon that died"
+        );
+        return prepare_mountpoint(mountpoint);
+    }
+    match std::fs::metadata(mountpoint) {
+        Ok(md) if md.is_dir() => Ok(()),
+        Ok(_) => Err(err("not a directory".into())),
         Err(e) => Err(err(e.to_string())),
     }
 }

@@ -85,8 +85,12 @@ fn kill_9_mid_fill_then_remount_serves_only_correct_bytes() {
         "the kill must land mid-copy: {st:?}"
     );
     assert!(st.bytes_fetched < (names.len() * size) as u64);
-    // Let the flusher record some progress, then kill.
-    std::thread::sleep(Duration::from_millis(700));
+    // Once the flusher has recorded progress of the copies in the index, kill.
+    wait_for(
+        "progress recorded in the index",
+        Duration::from_secs(30),
+        || m.status()["cache_entries"].as_u64().unwrap() >= 2,
+    );
     m.kill9();
     s.nas.throttle(0);
 

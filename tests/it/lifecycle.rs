@@ -129,6 +129,29 @@ fn stale_mount_of_a_killed_daemon_is_cleared() {
     assert_eq!(fs::read(m2.path("loras/a.safetensors")).unwrap(), data);
 }
 
+/// A daemon restarted right after a crash (systemd's `Restart=`) clears the stale mount even
+/// while the kernel still caches the mount point's attributes (so a `stat` of it succeeds).
+#[test]
+fn a_restart_right_after_a_crash_clears_the_stale_mount() {
+    require_mount!();
+    let d = Dirs::new();
+    let data = d.nas_file("loras/a.safetensors", 1000, 1);
+    let mut m = d.mount(&["attr_timeout=300"]);
+    assert!(fs::metadata(&d.mnt).unwrap().is_dir());
+    m.kill9();
+    assert!(
+        fs::metadata(&d.mnt).is_ok(),
+        "the kernel answers a stat from its cache"
+    );
+    let m2 = d.mount(&[]);
+    assert!(
+        m2.log().contains("cleared a stale arenafs mount"),
+        "{}",
+        m2.log()
+    );
+    assert_eq!(fs::read(m2.path("loras/a.safetensors")).unwrap(), data);
+}
+
 fn one_line_error(out: &std::process::Output, needle: &str) {
     assert!(!out.status.success(), "expected failure");
     assert_eq!(out.status.code(), Some(1));

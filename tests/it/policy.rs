@@ -111,7 +111,8 @@ fn a_scanner_schedules_no_copies_but_a_real_load_does() {
         );
         assert_eq!(got.len(), 1 << 20);
     }
-    std::thread::sleep(Duration::from_millis(500));
+    // A copy is queued by the read that passes the threshold, before it answers: had any read
+    // queued one, it would show as a job (queued or running) or as copied bytes now.
     let st = m.status();
     let s = m.stats();
     assert_eq!(
@@ -343,7 +344,11 @@ fn the_byte_budget_stops_copies() {
         );
         std::thread::sleep(Duration::from_millis(20));
     }
-    std::thread::sleep(Duration::from_millis(500));
+    // Eager copies are queued at start, together: once the queue is empty, no other one comes.
+    wait_for("the eager queue drained", Duration::from_secs(30), || {
+        let st = m.status();
+        st["jobs"].as_array().unwrap().is_empty() && st["queue_length"] == 0
+    });
     assert_eq!(complete(&m), 1);
     // A file loaded for real is completed only while the budget lasts. Find one without a copy
     // (the one eager copied depends on the directory order).
@@ -358,7 +363,17 @@ fn the_byte_budget_stops_copies() {
     for off in [0, 3 * CHUNK] {
         pread(&p, off, 1 << 20);
     }
-    std::thread::sleep(Duration::from_secs(2));
+    // The copy that load queued stops when the budget is spent (and says so).
+    wait_for(
+        "the budget to stop the copy",
+        Duration::from_secs(30),
+        || {
+            let st = m.status();
+            m.log().contains("BUDGET_EXCEEDED")
+                && st["jobs"].as_array().unwrap().is_empty()
+                && st["queue_length"] == 0
+        },
+    );
     let s = m.stats();
     assert!(s.session_bytes_downloaded <= 30_000_000, "{s:?}");
     assert_eq!(complete(&m), 1, "the budget stopped the second copy");
@@ -417,7 +432,10 @@ fn manual_only_discovery_completes_nothing_by_itself() {
     for off in [0, 2 * CHUNK, 4 * CHUNK] {
         pread(&p, off, 1 << 20); // well past the loading threshold
     }
-    std::thread::sleep(Duration::from_millis(500));
+    // Copies are queued by the reads themselves, before they answer: none is queued now, none
+    // will be.
+    assert_eq!(m.status()["queue_length"], 0);
+    assert!(m.status()["jobs"].as_array().unwrap().is_empty());
     let s = m.stats();
     assert_eq!(s.session_bytes_downloaded, 0, "no background copy: {s:?}");
     assert_eq!(s.bytes_fetched, 3 * CHUNK, "reads keep what they fetched");
