@@ -35,8 +35,9 @@ impl Vfs {
             let st = nix::sys::stat::fstat(&f)?;
             Ok((f, st))
         });
+        let exec = flags & FMODE_EXEC != 0;
         match opened {
-            Ok((file, st)) => self.open_reader(ino, &rel, file, &st, register),
+            Ok((file, st)) => self.open_reader(ino, &rel, file, &st, exec, register),
             Err(e) if e.nas_unanswered() => self.open_from_index(ino, &rel, register).map_err(
                 |why| {
                     tracing::debug!(path = %rel.display(), error = %why, "no complete copy to serve without the NAS");
@@ -54,6 +55,7 @@ impl Vfs {
         rel: &Path,
         nas: File,
         st: &FileStat,
+        exec: bool,
         register: Register,
     ) -> Result<Opened, FsError> {
         let identity = self.cache.rule().identity(st);
@@ -136,6 +138,7 @@ impl Vfs {
             cache_ref: None,
             stale,
             writer: false,
+            exec,
             identity: Some(identity),
             attr,
         };
@@ -215,6 +218,9 @@ impl Vfs {
                 OpenMode::Daemon { keep_cache }
             }
         };
+        if exec && let Some(node) = self.inodes.lock().get_mut(ino) {
+            node.executing += 1;
+        }
         let fh = self.new_fh();
         // The handle exists before the kernel can send a read for it.
         self.handles.lock().insert(fh, Arc::new(handle));
@@ -264,6 +270,7 @@ impl Vfs {
             cache_ref: Some(rel.to_path_buf()),
             stale: node.stale.clone(),
             writer: false,
+            exec: false,
             identity: Some(identity),
             attr,
         };
@@ -534,6 +541,9 @@ impl Vfs {
             let mut inodes = self.inodes.lock();
             if let Some(node) = inodes.get_mut(h.ino) {
                 node.io.released(h.writer);
+                if h.exec {
+                    node.executing = node.executing.saturating_sub(1);
+                }
                 if h.writer && !node.io.writing() {
                     node.stale = Default::default();
                 }
@@ -564,6 +574,10 @@ impl Vfs {
         });
     }
 }
+
+/// The open flag (`__FMODE_EXEC`, include/linux/fs.h) with which the kernel opens a file it is
+/// about to execute; such a handle stays open while the program runs (its text is mapped).
+const FMODE_EXEC: i32 = 0o40;
 
 /// Bytes read from a file past which it counts as loaded for real: min(64 MiB, 10 %) (DESIGN.md
 /// §4). A model header (safetensors JSON ≤ 8 MiB on large files) stays below it.

@@ -52,6 +52,9 @@ pub struct Node {
     pub stale: std::sync::Arc<std::sync::atomic::AtomicBool>,
     /// The path was unlinked or replaced: only open handles still reach the file.
     pub gone: bool,
+    /// Handles the kernel opened to execute the file (a running program): the file must not
+    /// be truncated (`ETXTBSY`).
+    pub executing: u32,
 }
 
 impl Node {
@@ -64,6 +67,7 @@ impl Node {
             dir_mtime: None,
             stale: Default::default(),
             gone: false,
+            executing: 0,
         }
     }
 }

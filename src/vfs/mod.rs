@@ -112,6 +112,8 @@ struct Handle {
     stale: Arc<AtomicBool>,
     /// Whether the handle counts as a writer of its inode.
     writer: bool,
+    /// Whether the kernel opened it to execute the file.
+    exec: bool,
     /// The NAS file's identity when the handle opened; reads of a copy check it, so a file
     /// rewritten in place on the NAS (by another machine) is read from the NAS from then on.
     identity: Option<Identity>,

@@ -153,6 +153,17 @@ impl Vfs {
         caller: &Caller,
         register: Register,
     ) -> Result<Opened, FsError> {
+        // A running program's file is never truncated. (The kernel refuses write opens of it
+        // itself, but checks an `O_RDONLY|O_TRUNC` open only after the file system truncated.)
+        if flags & libc::O_TRUNC != 0
+            && self
+                .inodes
+                .lock()
+                .get_mut(ino)
+                .is_some_and(|n| n.executing > 0)
+        {
+            return Err(FsError::Busy);
+        }
         // Before the NAS open: an O_TRUNC must not happen if the wait ends in ETXTBSY.
         self.reserve_writer(ino, rel, true)?;
         let nas_rel = rel.to_path_buf();
@@ -275,6 +286,7 @@ impl Vfs {
                 cache_ref: None,
                 stale,
                 writer: true,
+                exec: false,
                 identity: None,
                 attr: self.attr_of(st),
             }),

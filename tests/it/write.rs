@@ -505,3 +505,50 @@ fn a_write_by_another_user_clears_set_id_bits() {
         }
     }
 }
+
+/// A running program's file is never truncated through the mount: an `O_RDONLY|O_TRUNC` open of
+/// it fails with `ETXTBSY` and leaves it whole (the kernel checks such an open only after the
+/// file system has opened, and so truncated, the file).
+#[test]
+fn a_running_program_is_not_truncated() {
+    use std::os::unix::fs::OpenOptionsExt;
+    require_mount!();
+    let d = Dirs::new();
+    fs::create_dir(d.nas.join("bin")).unwrap();
+    let m = d.mount(&[]);
+    let exe = m.path("bin/sleep");
+    fs::copy("/usr/bin/sleep", &exe).unwrap();
+    fs::set_permissions(&exe, fs::Permissions::from_mode(0o755)).unwrap();
+    let want = fs::read("/usr/bin/sleep").unwrap();
+    let mut child = Command::new(&exe).arg("30").spawn().unwrap();
+    // Running: the kernel has the program's text mapped.
+    wait_for("the program running", Duration::from_secs(10), || {
+        fs::read_to_string(format!("/proc/{}/maps", child.id()))
+            .is_ok_and(|maps| maps.contains(&*exe.to_string_lossy()))
+    });
+    for (what, flags) in [
+        ("O_WRONLY", libc::O_WRONLY),
+        ("O_RDWR", libc::O_RDWR),
+        ("O_RDONLY|O_TRUNC", libc::O_RDONLY | libc::O_TRUNC),
+    ] {
+        let r = fs::OpenOptions::new()
+            .read(flags & libc::O_ACCMODE != libc::O_WRONLY)
+            .write(flags & libc::O_ACCMODE != libc::O_RDONLY)
+            .custom_flags(flags & libc::O_TRUNC)
+            .open(&exe);
+        assert_eq!(errno(r), libc::ETXTBSY, "{what}");
+        let on_nas = fs::read(d.nas.join("bin/sleep")).unwrap();
+        assert!(
+            on_nas == want,
+            "{what}: the running program's file changed on the NAS ({} bytes, was {})",
+            on_nas.len(),
+            want.len()
+        );
+    }
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "the program still runs"
+    );
+    child.kill().unwrap();
+    child.wait().unwrap();
+}
