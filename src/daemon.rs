@@ -121,6 +121,9 @@ pub fn run(
     health.start(nas.clone(), cfg.nas_timeout)?;
     worker.watch_health(health.clone());
     let passthrough = Arc::new(AtomicBool::new(false));
+    let nas_io = Arc::new(crate::vfs::nasio::NasIo::new(
+        crate::vfs::nasio::MAX_THREADS,
+    ));
     let vfs = Vfs::new(
         crate::vfs::Parts {
             nas: nas.clone(),
@@ -130,6 +133,7 @@ pub fn run(
             stats: stats.clone(),
             passthrough_ok: passthrough.clone(),
             health: health.clone(),
+            nas_io: nas_io.clone(),
         },
         FsOptions {
             attr_ttl: cfg.attr_ttl,
@@ -202,6 +206,8 @@ pub fn run(
             reloader: reloader.clone(),
             autopatch: Default::default(),
             health: health.clone(),
+            nas_io: nas_io.clone(),
+            nas_timeout: cfg.nas_timeout,
         },
     );
     let server = match server {
@@ -246,7 +252,14 @@ pub fn run(
             })?;
     }
     spawn_signal_thread(signals, mountpoint.clone(), reloader.clone(), serving)?;
-    crate::reload::start_work(&live, &nas, &worker);
+    // Eager and allow-list copies are queued off this thread: listing and stating the NAS for
+    // them must not delay (or, on a hung NAS, stop) serving the mount.
+    {
+        let (live, nas, worker) = (live.clone(), nas.clone(), worker.clone());
+        std::thread::Builder::new()
+            .name("arenafs-start-work".into())
+            .spawn(move || crate::reload::start_work(&live, &nas, &worker))?;
+    }
     let housekeeping = spawn_housekeeping(cache.clone(), stats.clone(), reloader.clone());
 
     let result = session.run();

@@ -125,7 +125,15 @@ impl Reloader {
         } else {
             tracing::info!(changes = %changed.join("; "), "configuration reloaded");
             self.cache.enforce_limits();
-            start_work(&self.live, &self.nas, &self.worker);
+            // Off this thread: the NAS is listed and stated for it, and the reloader's lock
+            // must not wait on a hung NAS.
+            let (live, nas, worker) = (self.live.clone(), self.nas.clone(), self.worker.clone());
+            let spawned = std::thread::Builder::new()
+                .name("arenafs-start-work".into())
+                .spawn(move || start_work(&live, &nas, &worker));
+            if let Err(e) = spawned {
+                tracing::warn!(error = %e, "cannot queue the copies the new settings ask for");
+            }
         }
         Ok(changed)
     }

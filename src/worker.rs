@@ -362,8 +362,18 @@ impl Worker {
         reason: Reason,
         bulk: bool,
     ) -> Result<Vec<Planned>, RequestError> {
+        self.commit(self.plan(paths), reason, bulk)
+    }
+
+    /// The second half of [`Worker::request`], for a plan made beforehand (the NAS is looked at
+    /// in [`Worker::plan`] only): checks the cooldown and the budget, then queues.
+    pub fn commit(
+        &self,
+        mut planned: Vec<Planned>,
+        reason: Reason,
+        bulk: bool,
+    ) -> Result<Vec<Planned>, RequestError> {
         let settings = self.live.settings();
-        let mut planned = self.plan(paths);
         let mut st = self.state.lock();
         if bulk && let Some(last) = st.last_bulk {
             let elapsed = last.elapsed();

@@ -39,6 +39,39 @@ async fn blocking<T: Send + 'static>(
         .map_err(|e| ApiError::internal(format!("request failed: {e}")))
 }
 
+/// Runs `f`, which reads the NAS, on the NAS pool within `nas_timeout`, as the file system does
+/// (from the blocking pool, which waits for it): a hung NAS costs the request a
+/// `503 NAS_UNAVAILABLE`, and the call left behind holds no lock that other endpoints need.
+async fn on_nas<T: Send + 'static>(
+    s: &Shared,
+    f: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
+) -> Result<T, ApiError> {
+    let (pool, health, timeout) = (s.nas_io.clone(), s.health.clone(), s.nas_timeout);
+    let answer = blocking(move || {
+        if health.offline() {
+            return Err(crate::vfs::nasio::Waited::GaveUp);
+        }
+        pool.call(timeout, &|| health.offline(), f)
+    })
+    .await?;
+    answer.unwrap_or_else(|waited| {
+        let why = match waited {
+            crate::vfs::nasio::Waited::GaveUp => "the NAS is offline".to_string(),
+            crate::vfs::nasio::Waited::Busy => "every NAS thread is stuck".to_string(),
+            crate::vfs::nasio::Waited::TimedOut => format!(
+                "the NAS did not answer within {:.1} s",
+                timeout.as_secs_f64()
+            ),
+        };
+        s.health.kick();
+        Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "NAS_UNAVAILABLE",
+            why,
+        ))
+    })
+}
+
 /// A model reference in a request: `{"category":..,"filename":..}` or `"category/filename"`.
 #[derive(Debug, Deserialize)]
 #[serde(untagged)]
@@ -260,6 +293,15 @@ fn autopatch_status(s: &Shared) -> AutopatchStatus {
     }
 }
 
+/// Threads of the NAS call pool.
+#[derive(Debug, Serialize)]
+pub struct NasThreads {
+    /// Threads alive.
+    pub alive: usize,
+    /// Of them, in a NAS call (a hung NAS keeps them).
+    pub busy: usize,
+}
+
 /// `GET /arena/status`.
 #[derive(Debug, Serialize)]
 pub struct Status {
@@ -298,6 +340,8 @@ pub struct Status {
     pub offline: bool,
     /// Why, and since when.
     pub nas_health: crate::health::HealthReport,
+    /// Threads of the NAS call pool: alive, and busy with a call (stuck ones included).
+    pub nas_threads: NasThreads,
     /// Entries in the cache index.
     pub cache_entries: usize,
     /// Entries whose copy is complete.
@@ -349,6 +393,10 @@ pub(super) async fn status(State(s): State<Shared>) -> Result<Json<Status>, ApiE
         passthrough_available: s.passthrough.load(Ordering::Relaxed),
         offline: health.offline,
         nas_health: health,
+        nas_threads: {
+            let (alive, busy) = s.nas_io.threads();
+            NasThreads { alive, busy }
+        },
         cache_entries: entries,
         cache_complete_entries: complete,
         cache_used_bytes: used,
@@ -518,7 +566,8 @@ pub(super) async fn resolve(
     State(s): State<Shared>,
     Body(body): Body<ModelsBody>,
 ) -> Result<Json<Value>, ApiError> {
-    blocking(move || resolve_now(&s, &body)).await?.map(Json)
+    let sh = s.clone();
+    on_nas(&s, move || resolve_now(&sh, &body)).await.map(Json)
 }
 
 /// The whole of `/arena/resolve` (blocking: it reads the NAS, and its work grows with the list).
@@ -563,7 +612,8 @@ pub(super) async fn prefetch(
     State(s): State<Shared>,
     Body(body): Body<ModelsBody>,
 ) -> Result<Json<Value>, ApiError> {
-    blocking(move || prefetch_now(&s, &body)).await?.map(Json)
+    let sh = s.clone();
+    on_nas(&s, move || prefetch_now(&sh, &body)).await.map(Json)
 }
 
 /// The whole of `/arena/prefetch` (blocking).
@@ -633,8 +683,9 @@ pub(super) async fn autopatch(
 }
 
 async fn autopatch_start(s: Shared, refs: RefList) -> Result<Json<Value>, ApiError> {
-    blocking(move || autopatch_start_now(&s, &refs))
-        .await?
+    let sh = s.clone();
+    on_nas(&s, move || autopatch_start_now(&sh, &refs))
+        .await
         .map(Json)
 }
 
@@ -669,6 +720,10 @@ fn start_required(s: &Shared, named: Vec<Named>) -> Result<Vec<Planned>, ApiErro
             "no models in the required set: nothing to start",
         ));
     }
+    // The NAS is looked at before the set is locked: a hung NAS must not hold the lock that
+    // `status` needs.
+    let paths = paths_of(&named);
+    let planned = s.worker.plan(&paths);
     let mut ap = s.autopatch.lock();
     let previous = ap.paths();
     if ap.stopped_at.is_none() && s.worker.busy_with(&previous) {
@@ -679,8 +734,7 @@ fn start_required(s: &Shared, named: Vec<Named>) -> Result<Vec<Planned>, ApiErro
         )
         .with("copying", previous.len()));
     }
-    let paths = paths_of(&named);
-    let planned = s.worker.request(&paths, Reason::Required, true)?;
+    let planned = s.worker.commit(planned, Reason::Required, true)?;
     s.worker.set_required(&paths);
     tracing::info!(
         models = named.len(),
@@ -814,8 +868,9 @@ pub(super) async fn workflow(
             )));
         }
     };
-    blocking(move || {
-        let sh = &s;
+    let sh = s.clone();
+    on_nas(&s, move || {
+        let sh = &sh;
         let mut report = locate(resolution, Some(&sh.nas));
         let mut planned = None;
         if prefetch {
@@ -849,7 +904,7 @@ pub(super) async fn workflow(
         }
         Ok(Json(answer))
     })
-    .await?
+    .await
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -126,6 +126,30 @@ pub fn render(s: &Shared, nas_up: bool) -> String {
         "Bytes written to the NAS by user-space writer handles (passthrough writes never reach the daemon).",
         st.bytes_written,
     );
+    t.one(
+        "arenafs_nas_calls_unanswered_total",
+        "counter",
+        "NAS calls answered without the NAS: past the deadline (nas_timeout), or no free NAS thread.",
+        st.nas_timeouts,
+    );
+    t.one(
+        "arenafs_index_answers_total",
+        "counter",
+        "Lookups, attributes, opens and listings answered from the cache index because the NAS did not answer.",
+        st.index_answers,
+    );
+    let (alive, busy) = s.nas_io.threads();
+    t.head(
+        "arenafs_nas_threads",
+        "gauge",
+        "Threads of the NAS call pool: busy (a call in the NAS, stuck ones included) and idle.",
+    );
+    t.sample("arenafs_nas_threads", &[("state", "busy")], busy as u64);
+    t.sample(
+        "arenafs_nas_threads",
+        &[("state", "idle")],
+        alive.saturating_sub(busy) as u64,
+    );
 
     t.head(
         "arenafs_cache_hits_total",

@@ -67,6 +67,10 @@ pub struct Shared {
     pub autopatch: Arc<Mutex<api::Autopatch>>,
     /// Whether the NAS is there.
     pub health: Arc<crate::health::Health>,
+    /// The pool that runs NAS calls within the deadline (shared with the file system).
+    pub nas_io: Arc<crate::vfs::nasio::NasIo>,
+    /// The deadline of a NAS call (`nas_timeout`).
+    pub nas_timeout: std::time::Duration,
 }
 
 /// The router of the control API.

@@ -153,7 +153,7 @@ pub struct Vfs {
     next_fh: AtomicU64,
     passthrough_ok: Arc<AtomicBool>,
     health: Arc<crate::health::Health>,
-    nas_io: nasio::NasIo,
+    nas_io: Arc<nasio::NasIo>,
 }
 
 /// What the file system works with, shared with the rest of the daemon.
@@ -172,6 +172,8 @@ pub struct Parts {
     pub passthrough_ok: Arc<AtomicBool>,
     /// Whether the NAS is there.
     pub health: Arc<crate::health::Health>,
+    /// The pool that runs NAS calls within the deadline.
+    pub nas_io: Arc<nasio::NasIo>,
 }
 
 impl Vfs {
@@ -185,6 +187,7 @@ impl Vfs {
             stats,
             passthrough_ok,
             health,
+            nas_io,
         } = parts;
         let root = nas.stat(Path::new(""))?;
         cache.store().note_dir(Path::new(""), Perms::of(&root));
@@ -203,7 +206,7 @@ impl Vfs {
             next_fh: AtomicU64::new(1),
             passthrough_ok,
             health,
-            nas_io: nasio::NasIo::new(nasio::MAX_THREADS),
+            nas_io,
         }))
     }
 

@@ -181,6 +181,31 @@ fn a_hung_nas_never_freezes_the_mount() {
     assert_eq!(errno, libc::EIO);
     let status = m.status();
     assert_eq!(status["offline"], true, "{status}");
+    // The control API answers too: what needs the NAS says so instead of waiting.
+    let t = Instant::now();
+    let resolved = arenafs::control::client::call_bytes(
+        &m.socket,
+        "POST",
+        "/arena/resolve",
+        Some(br#"{"models":["loras/m0.safetensors"]}"#.to_vec()),
+    );
+    match resolved {
+        Err(arenafs::control::client::ClientError::Api { status, code, .. }) => {
+            assert_eq!((status, code.as_str()), (503, "NAS_UNAVAILABLE"));
+        }
+        other => panic!("resolve while the NAS hangs: {other:?}"),
+    }
+    assert!(
+        t.elapsed() <= bound,
+        "resolve answered after {:?}",
+        t.elapsed()
+    );
+    let metrics = arenafs::control::client::get(&m.socket, "/metrics").unwrap();
+    assert!(metrics.contains("arenafs_nas_up 0"), "{metrics}");
+    assert!(
+        status["nas_threads"]["busy"].as_u64().unwrap() > 0,
+        "the calls stuck in the NAS: {status}"
+    );
     eprintln!(
         "hung NAS: complete copy read whole in {read_time:?}; 64 uncached calls failed within \
          {slowest:?} (the slowest); an uncached stat once offline failed in {fresh:?}; all \
