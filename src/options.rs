@@ -153,18 +153,7 @@ impl MountOptions {
                     .ok_or_else(|| format!("option {key}: '{v}' is not a non-negative number"))?;
                 self.attr_ttl = Duration::from_secs_f64(secs);
             }
-            "nas_timeout" => {
-                let v = need(())?;
-                let secs = v
-                    .trim()
-                    .parse::<f64>()
-                    .ok()
-                    .filter(|f| f.is_finite() && *f > 0.0 && *f < 1e6)
-                    .ok_or_else(|| {
-                        format!("option {key}: '{v}' is not a positive number of seconds")
-                    })?;
-                self.nas_timeout = Duration::from_secs_f64(secs);
-            }
+            "nas_timeout" => self.nas_timeout = positive_seconds(key, need(())?)?,
             "control_connections" => {
                 let v = need(())?;
                 self.control_connections = v
@@ -177,16 +166,7 @@ impl MountOptions {
                     })?;
             }
             "control_header_timeout" => {
-                let v = need(())?;
-                let secs = v
-                    .trim()
-                    .parse::<f64>()
-                    .ok()
-                    .filter(|f| f.is_finite() && *f > 0.0 && *f < 1e6)
-                    .ok_or_else(|| {
-                        format!("option {key}: '{v}' is not a positive number of seconds")
-                    })?;
-                self.control_header_timeout = Duration::from_secs_f64(secs);
+                self.control_header_timeout = positive_seconds(key, need(())?)?
             }
             "threads" => {
                 let v = need(())?;
@@ -220,6 +200,16 @@ impl MountOptions {
         }
         Ok(())
     }
+}
+
+/// A positive number of seconds (fractions allowed) for option `key`.
+fn positive_seconds(key: &str, v: &str) -> Result<Duration, String> {
+    v.trim()
+        .parse::<f64>()
+        .ok()
+        .filter(|f| f.is_finite() && *f > 0.0 && *f < 1e6)
+        .map(Duration::from_secs_f64)
+        .ok_or_else(|| format!("option {key}: '{v}' is not a positive number of seconds"))
 }
 
 #[cfg(test)]

@@ -344,7 +344,10 @@ impl Vfs {
         offset: u64,
         size: u32,
     ) -> Result<Vec<u8>, FsError> {
-        if h.reads_copy() {
+        // A read that fetches from the NAS checks the NAS file's identity in the same trip to
+        // the NAS pool (below); the others check it here.
+        let fetches = matches!(&h.kind, HandleKind::Fill(cf) if !cf.has_range(offset, size));
+        if h.reads_copy() && !fetches {
             self.check_copy_still_current(h);
         }
         // The file changed (through the mount, or on the NAS) since this handle opened its
@@ -375,8 +378,8 @@ impl Vfs {
                 Err(e) => Err(FsError::Io(e)),
             },
             HandleKind::Fill(cf) => {
-                // Chunks already on the SSD need no trip to the NAS pool.
-                if cf.has_range(offset, size) {
+                // Chunks already on the SSD are read on this thread.
+                if !fetches {
                     return match self.read_fill(h, cf, offset, size)? {
                         Some(buf) => Ok(buf),
                         None => self.read_nas(h, offset, size),
@@ -384,9 +387,17 @@ impl Vfs {
                 }
                 let _fg = self.worker.foreground().enter();
                 let (this, hh, cf) = (self.clone(), h.clone(), cf.clone());
-                self.nas(move |_| match this.read_fill(&hh, &cf, offset, size)? {
-                    Some(buf) => Ok(buf),
-                    None => this.read_nas_here(&hh, offset, size),
+                self.nas(move |_| {
+                    if this.copy_changed(&hh) {
+                        this.copy_went_stale(&hh);
+                    }
+                    if hh.stale.load(Ordering::Acquire) {
+                        return this.read_nas_here(&hh, offset, size);
+                    }
+                    match this.read_fill(&hh, &cf, offset, size)? {
+                        Some(buf) => Ok(buf),
+                        None => this.read_nas_here(&hh, offset, size),
+                    }
                 })
             }
             _ => unreachable!("handled above"),
@@ -455,20 +466,24 @@ impl Vfs {
     /// Before a read of a copy: did the NAS file change since the handle opened (rewritten in
     /// place or truncated by another machine)? Then this and every handle of the copy read the
     /// NAS from now on. A NAS that does not answer leaves the copy in use (last-known-good).
-    fn check_copy_still_current(&self, h: &Arc<Handle>) {
+    fn check_copy_still_current(self: &Arc<Self>, h: &Arc<Handle>) {
         if h.stale.load(Ordering::Acquire) || h.nas.is_none() || self.offline() {
             return;
         }
-        let Some(id) = h.identity else {
-            return;
-        };
-        let (hh, rule) = (h.clone(), self.cache.rule());
-        let now =
-            self.nas(move |_| Ok(rule.identity(&nix::sys::stat::fstat(hh.nas.as_ref().unwrap())?)));
-        if let Ok(now) = now
-            && now != id
-        {
+        let (this, hh) = (self.clone(), h.clone());
+        if let Ok(true) = self.nas(move |_| Ok(this.copy_changed(&hh))) {
             self.copy_went_stale(h);
+        }
+    }
+
+    /// Whether the NAS file of a handle reading a copy no longer has the identity it had at
+    /// open (on this thread: a NAS pool thread). A failed `fstat` says nothing.
+    fn copy_changed(&self, h: &Handle) -> bool {
+        match (h.identity, &h.nas) {
+            (Some(id), Some(nas)) if !h.stale.load(Ordering::Acquire) => {
+                nix::sys::stat::fstat(nas).is_ok_and(|st| self.cache.rule().identity(&st) != id)
+            }
+            _ => false,
         }
     }
 

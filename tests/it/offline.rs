@@ -127,17 +127,7 @@ fn a_hung_nas_fails_reads_in_bounded_time() {
 
 /// Runs `sh -c script` as nobody (uid and gid 65534, no other groups).
 fn as_nobody(script: &str) -> std::process::Output {
-    Command::new("setpriv")
-        .args([
-            "--reuid=65534",
-            "--regid=65534",
-            "--clear-groups",
-            "sh",
-            "-c",
-            script,
-        ])
-        .output()
-        .unwrap()
+    crate::util::sh_as(65534, 65534, "65534", script)
 }
 
 /// While the NAS is offline, the copies are served with the owners and modes the NAS had (write

@@ -87,6 +87,21 @@ pub fn pread(path: &Path, offset: u64, len: usize) -> Vec<u8> {
     buf
 }
 
+/// Runs `sh -c script` as `uid:gid` with supplementary `groups` (util-linux `setpriv`).
+pub fn sh_as(uid: u32, gid: u32, groups: &str, script: &str) -> std::process::Output {
+    Command::new("setpriv")
+        .args([
+            &format!("--reuid={uid}"),
+            &format!("--regid={gid}"),
+            &format!("--groups={groups}"),
+            "sh",
+            "-c",
+            script,
+        ])
+        .output()
+        .unwrap()
+}
+
 /// Waits until `cond` holds, panicking with `what` after `timeout`.
 pub fn wait_for(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
     let start = Instant::now();

@@ -8,7 +8,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use crate::util::{CHUNK, Dirs, Mounted, random_bytes, require_mount, wait_for};
+use crate::util::{CHUNK, Dirs, Mounted, random_bytes, require_mount, sh_as, wait_for};
 
 fn errno<T: std::fmt::Debug>(r: std::io::Result<T>) -> i32 {
     r.unwrap_err().raw_os_error().unwrap()
@@ -35,21 +35,6 @@ fn cached(m: &Mounted) -> Vec<String> {
         .collect();
     v.sort();
     v
-}
-
-/// Runs `sh -c script` as `uid:gid` with supplementary `groups` (util-linux `setpriv`).
-fn sh_as(uid: u32, gid: u32, groups: &str, script: &str) -> std::process::Output {
-    Command::new("setpriv")
-        .args([
-            &format!("--reuid={uid}"),
-            &format!("--regid={gid}"),
-            &format!("--groups={groups}"),
-            "sh",
-            "-c",
-            script,
-        ])
-        .output()
-        .unwrap()
 }
 
 #[test]
