@@ -240,6 +240,19 @@ pub fn run(
     report_ready(&serving);
 
     {
+        // Copies recorded before owners and modes were kept get them from the NAS, so that
+        // answers without the NAS can show them (until then such copies are root's only).
+        let (cache, nas) = (cache.clone(), nas.clone());
+        std::thread::Builder::new()
+            .name("arenafs-perms".into())
+            .spawn(move || {
+                let n = cache.store().fill_missing_perms(|rel| nas.stat(rel));
+                if n > 0 {
+                    tracing::info!(count = n, "recorded the owner and mode of cached files");
+                }
+            })?;
+    }
+    {
         let cache = cache.clone();
         std::thread::Builder::new()
             .name("arenafs-orphans".into())

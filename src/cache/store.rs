@@ -535,6 +535,34 @@ impl Store {
         Ok(())
     }
 
+    /// Records the owner and mode of every entry that has none (records written before they
+    /// were kept), asking `stat` for them; returns how many were filled in. For a background
+    /// thread: `stat` goes to the NAS, and no lock is held while it waits.
+    pub fn fill_missing_perms(
+        &self,
+        stat: impl Fn(&Path) -> io::Result<nix::sys::stat::FileStat>,
+    ) -> usize {
+        let missing: Vec<(PathBuf, u64)> = self
+            .entries
+            .lock()
+            .iter()
+            .filter(|(_, e)| e.perms.is_none())
+            .map(|(p, e)| (p.clone(), e.id))
+            .collect();
+        let mut filled = 0;
+        for (rel, id) in missing {
+            let Ok(st) = stat(&rel) else { continue };
+            match self.set_perms(&rel, id, Perms::of(&st)) {
+                Ok(()) => filled += 1,
+                Err(e) => {
+                    tracing::warn!(path = %rel.display(), error = %e, "could not record the owner and mode of a cached file");
+                    break;
+                }
+            }
+        }
+        filled
+    }
+
     /// The recorded owner and mode of NAS directory `rel`.
     pub fn dir_perms(&self, rel: &Path) -> Option<Perms> {
         self.dirs.lock().get(rel).copied()
@@ -1007,6 +1035,28 @@ mod tests {
         assert!(store.remove(Path::new("loras/a.safetensors"), id).unwrap());
         assert!(!store.data_path(id).exists());
         assert!(store.get(Path::new("loras/a.safetensors")).is_none());
+    }
+
+    #[test]
+    fn missing_perms_are_filled_in() {
+        let dir = tempfile::tempdir().unwrap();
+        let nas = dir.path().join("nas");
+        fs::create_dir(&nas).unwrap();
+        fs::write(nas.join("a"), b"x").unwrap();
+        let store = Store::open(&dir.path().join("cache")).unwrap();
+        store.put(Path::new("a"), &rec(1, 10)).unwrap(); // no perms, as a version 1 record
+        store.put(Path::new("gone"), &rec(2, 10)).unwrap();
+        let filled = store.fill_missing_perms(|rel| {
+            nix::sys::stat::stat(&nas.join(rel)).map_err(io::Error::from)
+        });
+        assert_eq!(filled, 1, "the file still on the NAS");
+        let want = Perms::of(&nix::sys::stat::stat(&nas.join("a")).unwrap());
+        assert_eq!(store.get(Path::new("a")).unwrap().perms, Some(want));
+        assert_eq!(store.get(Path::new("gone")).unwrap().perms, None);
+        // Durably: a reopened index has them.
+        drop(store);
+        let store = Store::open(&dir.path().join("cache")).unwrap();
+        assert_eq!(store.get(Path::new("a")).unwrap().perms, Some(want));
     }
 
     #[test]

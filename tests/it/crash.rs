@@ -147,8 +147,9 @@ fn kill_9_during_writes_damages_nothing_that_was_written() {
         }
         synced
     });
+    // Nine blocks on the NAS: the ninth is written only after the eighth was synced.
     wait_for("some blocks written", Duration::from_secs(30), || {
-        fs::metadata(d.nas.join("loras/incoming.safetensors")).is_ok_and(|md| md.len() >= 8 << 20)
+        fs::metadata(d.nas.join("loras/incoming.safetensors")).is_ok_and(|md| md.len() >= 9 << 20)
     });
     m.kill9();
     let synced = writer.join().unwrap();
