@@ -350,7 +350,7 @@ impl Store {
             }
             txn.commit().map_err(index_err)?;
         }
-        Ok(Self {
+        let store = Self {
             dir,
             db: parking_lot::RwLock::new(Some(db)),
             entries: Mutex::new(entries),
@@ -362,7 +362,11 @@ impl Store {
             touched: Mutex::new(Default::default()),
             pending_removals: Mutex::new(Vec::new()),
             _lock: lock,
-        })
+        };
+        // The first block of ids is reserved now, so that the first copy of the run does not
+        // wait for an index commit.
+        store.reserve_ids(next_id)?;
+        Ok(store)
     }
 
     /// Runs a write transaction. After an I/O error (a full SSD, say) redb refuses every later
@@ -815,6 +819,12 @@ impl Store {
 
     fn allocate_id(&self) -> Result<u64, StoreError> {
         let id = self.next_id.fetch_add(1, Ordering::SeqCst);
+        self.reserve_ids(id)?;
+        Ok(id)
+    }
+
+    /// Makes sure `id` is below the persisted high-water mark, reserving a block past it if not.
+    fn reserve_ids(&self, id: u64) -> Result<(), StoreError> {
         let mut reserved = self.reserved_until.lock();
         if id >= *reserved {
             let until = id + ID_BLOCK;
@@ -825,7 +835,7 @@ impl Store {
             })?;
             *reserved = until;
         }
-        Ok(id)
+        Ok(())
     }
 }
 
