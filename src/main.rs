@@ -57,5 +57,6 @@ fn run(cli: Cli, args: &[String]) -> Result<()> {
             command: ConfigCommand::Check { file },
         } => cli::config::check(file),
         Command::GenAssets { dir } => cli::assets::gen_assets(&dir),
+        Command::GenIndex { cache_dir, entries } => cli::bench::gen_index(&cache_dir, entries),
     }
 }

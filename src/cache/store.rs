@@ -738,6 +738,29 @@ impl Store {
         Ok(())
     }
 
+    /// Records (durably, in one transaction) many entries, as [`Store::put`] does one.
+    pub fn put_many(&self, records: &[(PathBuf, EntryRecord)]) -> Result<(), StoreError> {
+        self.write_txn(|txn| {
+            let mut table = txn.open_table(ENTRIES).map_err(index_err)?;
+            for (rel, rec) in records {
+                table
+                    .insert(rel.as_os_str().as_bytes(), rec.encode().as_slice())
+                    .map_err(index_err)?;
+            }
+            Ok(())
+        })?;
+        let mut entries = self.entries.lock();
+        for (rel, rec) in records {
+            entries.insert(rel.clone(), rec.clone());
+        }
+        Ok(())
+    }
+
+    /// Allocates an entry id without a data file (synthetic entries of the scale benchmark).
+    pub fn new_id(&self) -> Result<u64, StoreError> {
+        self.allocate_id()
+    }
+
     /// Removes the entry for `rel` if it still has id `id`: first from the index (durably), then
     /// its data file. Returns whether something was removed.
     pub fn remove(&self, rel: &Path, id: u64) -> Result<bool, StoreError> {

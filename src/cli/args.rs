@@ -54,6 +54,16 @@ pub(crate) enum Command {
         /// Output directory (created if missing).
         dir: PathBuf,
     },
+    /// Add N synthetic complete entries (no data files) to the index of CACHE_DIR, for the scale
+    /// benchmark (scripts/bench-scale). Hidden: not a user command.
+    #[command(name = "gen-index", hide = true)]
+    GenIndex {
+        /// The cache directory (as given to mount).
+        cache_dir: PathBuf,
+        /// How many entries.
+        #[arg(long)]
+        entries: u64,
+    },
 }
 
 #[derive(Subcommand, Debug)]

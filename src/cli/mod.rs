@@ -11,10 +11,12 @@
 //! - [`adopt`]: taking over the Arena AutoCache node's copies.
 //! - [`config`]: `config check`.
 //! - [`assets`]: `gen-assets` (man pages, completions, example env file for packages).
+//! - [`bench`]: `gen-index` (synthetic index entries for the scale benchmark).
 
 pub(crate) mod adopt;
 pub(crate) mod args;
 pub(crate) mod assets;
+pub(crate) mod bench;
 pub(crate) mod config;
 pub(crate) mod control;
 pub(crate) mod logging;
