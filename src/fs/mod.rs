@@ -152,10 +152,10 @@ impl Filesystem for ArenaFs {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
         let _ = config.set_max_readahead(MAX_READAHEAD);
         let _ = config.set_max_background(64);
-        // Directory listings with attributes, when the kernel sees they will be used (a walk
-        // that stats), plain ones otherwise (ComfyUI's scans only need d_type).
-        let _ = config
-            .add_capabilities(InitFlags::FUSE_DO_READDIRPLUS | InitFlags::FUSE_READDIRPLUS_AUTO);
+        // Directory listings always come with attributes (stated on the NAS in batches): a walk
+        // that stats each entry then needs no lookup per file. (With READDIRPLUS_AUTO the kernel
+        // asks for attributes only with the first batch of a listing.)
+        let _ = config.add_capabilities(InitFlags::FUSE_DO_READDIRPLUS);
         // O_TRUNC arrives with the open, so a truncating open is a writer's open (it waits for
         // readers of the SSD copy like any writer) instead of a read open plus a later setattr.
         let _ = config.add_capabilities(InitFlags::FUSE_ATOMIC_O_TRUNC);
