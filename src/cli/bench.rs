@@ -45,6 +45,10 @@ pub(crate) fn gen_index(cache_dir: &std::path::Path, n: u64) -> Result<()> {
         store.put_many(&batch)?;
         done += batch.len() as u64;
     }
-    println!("{} entries in the index of {}", store.len(), cache_dir.display());
+    println!(
+        "{} entries in the index of {}",
+        store.len(),
+        cache_dir.display()
+    );
     Ok(())
 }
