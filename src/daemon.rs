@@ -162,13 +162,14 @@ pub fn run(
     let mut fuse_cfg = fuser::Config::default();
     fuse_cfg.n_threads = Some(cfg.threads);
     fuse_cfg.clone_fd = true;
-    let session = match fuser::Session::from_fd(ArenaFs::new(vfs), dev, acl, fuse_cfg) {
+    let session = match fuser::Session::from_fd(ArenaFs::new(vfs.clone()), dev, acl, fuse_cfg) {
         Ok(s) => s,
         Err(e) => {
             let _ = nix::mount::umount2(&mountpoint, nix::mount::MntFlags::MNT_DETACH);
             return Err(e).context("FUSE handshake failed");
         }
     };
+    vfs.set_notifier(session.notifier());
 
     let socket = cfg
         .socket

@@ -11,6 +11,14 @@ use nix::mount::MsFlags;
 
 use crate::config;
 
+/// How long the kernel may cache attributes and entries by default: long enough that a warm walk
+/// of a large model library (100,000 files take seconds) is served from the kernel's caches,
+/// short enough that a change another machine makes on the NAS shows within a few seconds.
+/// Contents never depend on it (every open checks the NAS file's identity), listings are
+/// refetched as soon as a directory's mtime changes, and an open that finds the NAS file
+/// changed drops the kernel's attributes at once.
+pub const DEFAULT_ATTR_TTL: Duration = Duration::from_secs(10);
+
 /// Mount-level options (everything that is not a cache setting).
 #[derive(Clone, Debug)]
 pub struct MountOptions {
@@ -64,7 +72,7 @@ impl Default for MountOptions {
             read_only: false,
             flags: MsFlags::empty(),
             passthrough: true,
-            attr_ttl: Duration::from_secs(1),
+            attr_ttl: DEFAULT_ATTR_TTL,
             socket: None,
             socket_group: None,
             listen: None,

@@ -127,6 +127,10 @@ impl Vfs {
             return Err(FsError::Stale);
         };
         let keep_cache = node.last_identity == Some(identity) && !node.io.writing();
+        // Changed on the NAS since the kernel was last told its attributes: what the kernel
+        // caches of it (the size, say) is out of date, whatever its attribute timeout.
+        let changed = node.shown.is_some_and(|s| s != (attr.size, attr.mtime));
+        node.shown = Some((attr.size, attr.mtime));
         node.last_identity = Some(identity);
         let stale = node.stale.clone();
         let complete = ssd.is_some();
@@ -220,6 +224,9 @@ impl Vfs {
         };
         if exec && let Some(node) = self.inodes.lock().get_mut(ino) {
             node.executing += 1;
+        }
+        if changed {
+            self.forget_attributes(ino);
         }
         let fh = self.new_fh();
         // The handle exists before the kernel can send a read for it.

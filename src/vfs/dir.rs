@@ -39,6 +39,8 @@ pub(super) struct DirHandle {
     rel: PathBuf,
     /// The directory's own attributes at `opendir` (for `.` and `..` in `readdirplus`).
     attr: Attr,
+    /// Its mtime changed since the kernel last listed it: names the kernel knows may be gone.
+    changed: bool,
     listing: Mutex<Option<Listing>>,
 }
 
@@ -46,7 +48,7 @@ impl Vfs {
     /// Opens directory `ino`.
     pub fn opendir(&self, ino: u64) -> Result<DirOpened, FsError> {
         let rel = self.path(ino)?;
-        let (mut attr, keep_cache) = match self.nas_stat(&rel) {
+        let (mut attr, keep_cache, changed) = match self.nas_stat(&rel) {
             Ok(st) => {
                 if st.st_mode & libc::S_IFMT != libc::S_IFDIR {
                     return Err(FsError::NotDir);
@@ -58,15 +60,16 @@ impl Vfs {
                 let mtime = (st.st_mtime, st.st_mtime_nsec);
                 let mut inodes = self.inodes.lock();
                 let node = inodes.get_mut(ino).ok_or(FsError::Stale)?;
-                let keep = node.dir_mtime.replace(mtime) == Some(mtime);
-                (self.attr_of(&st), keep)
+                let before = node.dir_mtime.replace(mtime);
+                let keep = before == Some(mtime);
+                (self.attr_of(&st), keep, before.is_some() && !keep)
             }
             Err(e) if e.nas_unanswered() => {
                 let attr = self.index_attr(&rel).map_err(|_| e)?;
                 if attr.kind != Kind::Dir {
                     return Err(FsError::NotDir);
                 }
-                (attr, false)
+                (attr, false, false)
             }
             Err(e) => return Err(e),
         };
@@ -77,6 +80,7 @@ impl Vfs {
             Arc::new(DirHandle {
                 rel,
                 attr,
+                changed,
                 listing: Mutex::new(None),
             }),
         );
@@ -133,6 +137,15 @@ impl Vfs {
             }
             Err(e) => return Err(e),
         };
+        if d.changed && !listing.from_index {
+            // Names removed on the NAS by another machine leave the kernel's cache now, not
+            // when their timeout ends.
+            let listed: std::collections::HashSet<&OsStr> =
+                listing.entries.iter().map(|e| e.name.as_os_str()).collect();
+            let mut gone = self.inodes.lock().names_below(&d.rel);
+            gone.retain(|n| !listed.contains(n.as_os_str()));
+            self.forget_entries(ino, gone);
+        }
         let mut slot = d.listing.lock();
         if slot.is_none() {
             *slot = Some(listing);

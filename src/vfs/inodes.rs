@@ -43,6 +43,9 @@ pub struct Node {
     /// Identity of the file at the last open: when it is unchanged, the kernel may keep its page
     /// cache for the inode (`FOPEN_KEEP_CACHE`).
     pub last_identity: Option<Identity>,
+    /// The size and mtime the kernel was last given (lookup, listing, getattr): an open that
+    /// finds the NAS file different tells the kernel to drop what it caches.
+    pub shown: Option<(u64, std::time::SystemTime)>,
     /// For a directory: its mtime (s, ns) when it was last opened, to let the kernel keep its
     /// cached listing while the directory is unchanged.
     pub dir_mtime: Option<(i64, i64)>,
@@ -64,6 +67,7 @@ impl Node {
             nlookup: 0,
             io: InodeIo::default(),
             last_identity: None,
+            shown: None,
             dir_mtime: None,
             stale: Default::default(),
             gone: false,
@@ -88,7 +92,7 @@ impl Default for Inodes {
 
 impl Inodes {
     /// Records a lookup of `rel` as `ino` (counting it).
-    pub fn remember(&mut self, ino: u64, rel: &Path) {
+    pub fn remember(&mut self, ino: u64, rel: &Path) -> &mut Node {
         let node = self
             .nodes
             .entry(ino)
@@ -98,6 +102,7 @@ impl Inodes {
             node.gone = false;
         }
         node.nlookup += 1;
+        node
     }
 
     /// After a rename of `old` to `new`: every known inode at or below `old` moves.
@@ -144,6 +149,16 @@ impl Inodes {
             .get(&ino)
             .filter(|n| !n.gone)
             .map(|n| n.rel.clone())
+    }
+
+    /// The names known directly below directory `dir` (a linear scan: only after the NAS
+    /// changed the directory).
+    pub fn names_below(&self, dir: &Path) -> Vec<std::ffi::OsString> {
+        self.nodes
+            .iter()
+            .filter(|(ino, n)| **ino != ROOT_INO && !n.gone && n.rel.parent() == Some(dir))
+            .filter_map(|(_, n)| n.rel.file_name().map(|n| n.to_os_string()))
+            .collect()
     }
 
     /// The inode known under `rel` (a linear scan: offline mode only).

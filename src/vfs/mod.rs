@@ -38,7 +38,7 @@ mod types;
 mod write;
 
 use std::collections::HashMap;
-use std::ffi::OsStr;
+use std::ffi::{OsStr, OsString};
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -154,6 +154,11 @@ pub struct Vfs {
     passthrough_ok: Arc<AtomicBool>,
     health: Arc<crate::health::Health>,
     nas_io: Arc<nasio::NasIo>,
+    /// Tells the kernel to drop what it caches (set once the session runs).
+    notifier: std::sync::OnceLock<fuser::Notifier>,
+    /// Names the kernel must forget, sent from a thread of their own: the kernel locks the
+    /// directory to drop a name, which a request in that directory may hold.
+    forget_names: std::sync::OnceLock<std::sync::mpsc::Sender<(u64, OsString)>>,
 }
 
 /// What the file system works with, shared with the rest of the daemon.
@@ -207,12 +212,59 @@ impl Vfs {
             passthrough_ok,
             health,
             nas_io,
+            notifier: std::sync::OnceLock::new(),
+            forget_names: std::sync::OnceLock::new(),
         }))
     }
 
     /// The settings the core runs with.
     pub fn options(&self) -> &FsOptions {
         &self.opts
+    }
+
+    /// Gives the core the session's notifier, through which it tells the kernel to drop what it
+    /// caches of an inode that the daemon learned has changed.
+    pub fn set_notifier(&self, notifier: fuser::Notifier) {
+        let (tx, rx) = std::sync::mpsc::channel::<(u64, OsString)>();
+        let names = notifier.clone();
+        let spawned = std::thread::Builder::new()
+            .name("arenafs-forget".into())
+            .spawn(move || {
+                for (parent, name) in rx {
+                    if let Err(e) = names.inval_entry(fuser::INodeNo(parent), &name)
+                        && e.raw_os_error() != Some(libc::ENOENT)
+                    {
+                        tracing::debug!(parent, ?name, error = %e, "could not invalidate the kernel's entry");
+                    }
+                }
+            });
+        match spawned {
+            Ok(_) => {
+                let _ = self.forget_names.set(tx);
+            }
+            Err(e) => tracing::warn!(error = %e, "no thread to invalidate the kernel's entries"),
+        }
+        let _ = self.notifier.set(notifier);
+    }
+
+    /// Tells the kernel that names below directory `parent` are gone (soon, from another
+    /// thread).
+    fn forget_entries(&self, parent: u64, names: Vec<OsString>) {
+        if let Some(tx) = self.forget_names.get() {
+            for name in names {
+                let _ = tx.send((parent, name));
+            }
+        }
+    }
+
+    /// Tells the kernel that the attributes it caches of `ino` are out of date (it asks again).
+    fn forget_attributes(&self, ino: u64) {
+        if let Some(n) = self.notifier.get()
+            && let Err(e) = n.inval_inode(fuser::INodeNo(ino), -1, 0)
+            && e.raw_os_error() != Some(libc::ENOENT)
+        {
+            tracing::debug!(ino, error = %e, "could not invalidate the kernel's attributes");
+        }
     }
 
     /// Records whether the kernel agreed to passthrough (at `init`).
@@ -332,7 +384,7 @@ impl Vfs {
 
     /// A successful lookup of `rel`: the kernel holds one more reference on the inode.
     fn remember(&self, attr: &Attr, rel: &Path) {
-        self.inodes.lock().remember(attr.ino, rel);
+        self.inodes.lock().remember(attr.ino, rel).shown = Some((attr.size, attr.mtime));
     }
 
     /// Keeps the owner and mode of what the NAS just showed, where the index will need them
@@ -408,8 +460,11 @@ impl Vfs {
         };
         attr.ino = ino;
         // Handles reading the SSD copy through passthrough see the size and mtime it holds.
-        if let Some(held) = self.inodes.lock().get_mut(ino).and_then(|n| n.io.held()) {
-            hold(&mut attr, held);
+        if let Some(node) = self.inodes.lock().get_mut(ino) {
+            if let Some(held) = node.io.held() {
+                hold(&mut attr, held);
+            }
+            node.shown = Some((attr.size, attr.mtime));
         }
         Ok(attr)
     }

@@ -517,3 +517,149 @@ fn the_identity_rule_is_a_setting() {
         before.opens_passthrough + before.opens_ssd + 1
     );
 }
+
+/// What other machines change on the NAS shows through the mount within the attribute timeout
+/// (the default, 10 s): a new file, a new size, a removed file, a renamed directory. A listing shows new names at
+/// once, and an open shows a new size at once (to `fstat` too, what a loader maps).
+#[test]
+fn changes_on_the_nas_show_within_the_attribute_timeout() {
+    use std::io::Write;
+    use std::time::{Duration, Instant};
+    require_mount!();
+    let ttl = arenafs::options::DEFAULT_ATTR_TTL;
+    let d = Dirs::new();
+    d.nas_file("loras/a.safetensors", 1000, 1);
+    d.nas_file("vae/b.safetensors", 1000, 2);
+    d.nas_file("vae/c.safetensors", 1000, 3);
+    d.nas_file("vae/sub/d.safetensors", 1000, 4);
+    let m = d.mount(&[&format!("attr_timeout={}", ttl.as_secs_f64())]);
+    // The kernel caches all of it, the missing names too.
+    for p in [
+        "loras/a.safetensors",
+        "vae/b.safetensors",
+        "vae/c.safetensors",
+    ] {
+        assert_eq!(fs::metadata(m.path(p)).unwrap().len(), 1000);
+    }
+    assert!(fs::metadata(m.path("loras/new.safetensors")).is_err());
+    assert!(fs::metadata(m.path("vae/new.safetensors")).is_err());
+    assert!(fs::metadata(m.path("vae/sub/d.safetensors")).is_ok());
+    assert!(fs::metadata(m.path("vae/sub2")).is_err());
+    let names = |p: &str| -> Vec<String> {
+        let mut v: Vec<String> = fs::read_dir(m.path(p))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        v.sort();
+        v
+    };
+    assert_eq!(names("loras"), ["a.safetensors"]);
+
+    // Another machine changes the NAS.
+    let grow = |p: &str| {
+        let mut f = fs::OpenOptions::new()
+            .append(true)
+            .open(d.nas.join(p))
+            .unwrap();
+        f.write_all(&[1u8; 500]).unwrap();
+    };
+    grow("loras/a.safetensors");
+    grow("vae/b.safetensors");
+    fs::write(d.nas.join("loras/new.safetensors"), b"new").unwrap();
+    fs::write(d.nas.join("vae/new.safetensors"), b"new").unwrap();
+    fs::remove_file(d.nas.join("vae/c.safetensors")).unwrap();
+    fs::rename(d.nas.join("vae/sub"), d.nas.join("vae/sub2")).unwrap();
+    let changed = Instant::now();
+
+    // At once: an open's size, a listing's names.
+    let f = fs::File::open(m.path("loras/a.safetensors")).unwrap();
+    assert_eq!(f.metadata().unwrap().len(), 1500, "fstat after an open");
+    drop(f);
+    assert_eq!(
+        fs::metadata(m.path("loras/a.safetensors")).unwrap().len(),
+        1500
+    );
+    assert_eq!(names("loras"), ["a.safetensors", "new.safetensors"]);
+    assert_eq!(
+        fs::metadata(m.path("loras/new.safetensors")).unwrap().len(),
+        3
+    );
+    // What only the timeout refreshes, within it.
+    let everything = || {
+        fs::metadata(m.path("vae/b.safetensors")).is_ok_and(|md| md.len() == 1500)
+            && fs::metadata(m.path("vae/new.safetensors")).is_ok()
+            && fs::metadata(m.path("vae/c.safetensors")).is_err()
+            && fs::metadata(m.path("vae/sub/d.safetensors")).is_err()
+            && fs::metadata(m.path("vae/sub2/d.safetensors")).is_ok()
+    };
+    crate::util::wait_for(
+        "the NAS's changes",
+        ttl + Duration::from_secs(3),
+        everything,
+    );
+    eprintln!("the NAS's changes showed after {:?}", changed.elapsed());
+}
+
+/// A listing of a directory that another machine changed drops the names it no longer has
+/// from the kernel's cache, whatever the attribute timeout.
+#[test]
+fn a_listing_forgets_removed_names() {
+    require_mount!();
+    let d = Dirs::new();
+    d.nas_file("vae/a.safetensors", 1000, 1);
+    d.nas_file("vae/b.safetensors", 1000, 2);
+    d.nas_file("vae/sub/c.safetensors", 1000, 3);
+    let m = d.mount(&["attr_timeout=300"]);
+    let list = || fs::read_dir(m.path("vae")).unwrap().count();
+    assert_eq!(list(), 3);
+    for p in [
+        "vae/a.safetensors",
+        "vae/b.safetensors",
+        "vae/sub/c.safetensors",
+    ] {
+        assert!(fs::metadata(m.path(p)).is_ok());
+    }
+    fs::remove_file(d.nas.join("vae/a.safetensors")).unwrap();
+    fs::rename(d.nas.join("vae/sub"), d.nas.join("vae/sub2")).unwrap();
+    // Without a listing, the kernel keeps them (the timeout is 300 s).
+    assert!(fs::metadata(m.path("vae/a.safetensors")).is_ok());
+    assert!(fs::metadata(m.path("vae/sub")).is_ok());
+    assert_eq!(list(), 2);
+    // The listing told the kernel: gone long before the timeout.
+    crate::util::wait_for(
+        "the removed names to go",
+        std::time::Duration::from_secs(60),
+        || {
+            fs::metadata(m.path("vae/a.safetensors")).is_err()
+                && fs::metadata(m.path("vae/sub")).is_err()
+        },
+    );
+    assert!(fs::metadata(m.path("vae/b.safetensors")).is_ok());
+    assert!(fs::metadata(m.path("vae/sub2/c.safetensors")).is_ok());
+}
+
+/// Changes made through the mount show through it at once, whatever the attribute timeout.
+#[test]
+fn changes_through_the_mount_show_at_once() {
+    require_mount!();
+    let d = Dirs::new();
+    d.nas_file("loras/sub/b.safetensors", 1000, 2);
+    let m = d.mount(&["attr_timeout=300"]);
+    assert!(fs::metadata(m.path("loras/sub/b.safetensors")).is_ok());
+    assert!(fs::metadata(m.path("loras/new.safetensors")).is_err());
+    fs::write(m.path("loras/new.safetensors"), b"new").unwrap();
+    assert_eq!(
+        fs::metadata(m.path("loras/new.safetensors")).unwrap().len(),
+        3
+    );
+    fs::write(m.path("loras/new.safetensors"), b"longer").unwrap();
+    assert_eq!(
+        fs::metadata(m.path("loras/new.safetensors")).unwrap().len(),
+        6
+    );
+    fs::rename(m.path("loras/sub"), m.path("loras/sub2")).unwrap();
+    assert!(fs::metadata(m.path("loras/sub/b.safetensors")).is_err());
+    assert!(fs::metadata(m.path("loras/sub2/b.safetensors")).is_ok());
+    fs::remove_file(m.path("loras/new.safetensors")).unwrap();
+    assert!(fs::metadata(m.path("loras/new.safetensors")).is_err());
+}

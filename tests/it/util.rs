@@ -199,6 +199,11 @@ impl Mounted {
         {
             cmd.arg("-o").arg("stable_secs=0");
         }
+        // The tests change the NAS behind the mount's back and wait for the kernel to see it:
+        // a 1 s attribute timeout unless a test sets its own (the default has a test of its own).
+        if !opts.iter().any(|o| o.starts_with("attr_timeout=")) {
+            cmd.arg("-o").arg("attr_timeout=1");
+        }
         for o in opts {
             cmd.arg("-o").arg(o);
         }
