@@ -262,6 +262,18 @@ impl EntryRecord {
     }
 }
 
+/// Bytes of index pages redb keeps in memory. The whole index is read once at startup and held
+/// in [`Store`]'s own maps; redb's cache only serves the writes, so it is kept small (its default,
+/// 1 GiB, would hold the whole index file a second time).
+const INDEX_CACHE_BYTES: usize = 16 << 20;
+
+fn open_db(path: &Path) -> Result<Database, StoreError> {
+    Database::builder()
+        .set_cache_size(INDEX_CACHE_BYTES)
+        .create(path)
+        .map_err(index_err)
+}
+
 /// The cache store: layout, lock and index. Cheap operations; data I/O happens in [`super::CacheFile`].
 #[derive(Debug)]
 pub struct Store {
@@ -297,7 +309,7 @@ impl Store {
         let lock = take_lock(&dir)?;
         check_format(&dir)?;
 
-        let db = Database::create(dir.join("index.redb")).map_err(index_err)?;
+        let db = open_db(&dir.join("index.redb"))?;
         let mut entries = BTreeMap::new();
         let mut dirs = BTreeMap::new();
         let mut next_id = 1;
@@ -401,7 +413,7 @@ impl Store {
     fn reopen(&self) -> Result<(), StoreError> {
         let mut guard = self.db.write();
         *guard = None; // the old handle must be closed before the file can be opened again
-        let db = Database::create(self.dir.join("index.redb")).map_err(index_err)?;
+        let db = open_db(&self.dir.join("index.redb"))?;
         *guard = Some(db);
         tracing::info!("cache index reopened after an I/O error");
         Ok(())
