@@ -28,6 +28,19 @@ pub const CHUNK_SIZE: u64 = 4 << 20;
 /// Environment variable naming the pipe on which a background daemon reports readiness.
 pub const READY_FD_ENV: &str = "ARENAFS_READY_FD";
 
+/// Keeps glibc from serving large buffers out of its heaps. By default the threshold above which
+/// `malloc` maps fresh pages grows to the largest block freed so far; after that, every FUSE
+/// request buffer (up to 16 MiB per thread) and every large index read comes from a heap, is
+/// zeroed by hand, and its pages stay resident after it is freed. With a fixed threshold they
+/// are mapped and unmapped, and the daemon's resident memory follows what it holds.
+fn fixed_mmap_threshold() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: mallopt only changes allocator parameters (under the allocator's own lock).
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 20);
+    }
+}
+
 /// Mounts `nas` at `mountpoint` and serves it until it is unmounted or a signal arrives.
 pub fn run(
     nas_dir: &Path,
@@ -37,6 +50,7 @@ pub fn run(
     inputs: config::Inputs,
 ) -> Result<()> {
     cfg.validate().map_err(anyhow::Error::msg)?;
+    fixed_mmap_threshold();
     for w in &loaded.warnings {
         tracing::warn!("config: {w}");
     }
