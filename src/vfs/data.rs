@@ -61,11 +61,7 @@ impl Vfs {
         let identity = self.cache.rule().identity(st);
         let attr = self.attr_of(st);
         // While the file is open for writing through the mount, readers read the NAS.
-        let writing = self
-            .inodes
-            .lock()
-            .get_mut(ino)
-            .is_some_and(|n| n.io.writing());
+        let writing = self.inodes.lock().get_mut(ino).is_some_and(|n| n.writing());
         // Red makes copies; green only serves complete ones; gray never gets here (Disabled).
         // A file modified too recently is not copied yet (coarse NAS timestamps).
         let settings = self.live.settings();
@@ -126,13 +122,13 @@ impl Vfs {
             unpin(pinned);
             return Err(FsError::Stale);
         };
-        let keep_cache = node.last_identity == Some(identity) && !node.io.writing();
+        let keep_cache = node.opened().last_identity == Some(identity) && !node.writing();
         // Changed on the NAS since the kernel was last told its attributes: what the kernel
         // caches of it (the size, say) is out of date, whatever its attribute timeout.
         let changed = node.shown.is_some_and(|s| s != (attr.size, attr.mtime));
         node.shown = Some((attr.size, attr.mtime));
-        node.last_identity = Some(identity);
-        let stale = node.stale.clone();
+        node.opened().last_identity = Some(identity);
+        let stale = node.opened().stale.clone();
         let complete = ssd.is_some();
         let passthrough = self.passthrough_ok.load(Ordering::Relaxed);
         let mut handle = Handle {
@@ -146,10 +142,14 @@ impl Vfs {
             identity: Some(identity),
             attr,
         };
-        let mode = match node.io.plan_reader(identity, complete, passthrough) {
+        let mode = match node
+            .opened()
+            .io
+            .plan_reader(identity, complete, passthrough)
+        {
             ReaderPlan::Share(backing) => {
-                node.io.joined_shared();
-                let copy = matches!(node.io.backing_file(), Some(BackingFile::Copy(_)));
+                node.opened().io.joined_shared();
+                let copy = matches!(node.opened().io.backing_file(), Some(BackingFile::Copy(_)));
                 drop(inodes);
                 // Sharing the NAS file a writer opened: the copy is not what it reads.
                 if copy {
@@ -178,7 +178,9 @@ impl Vfs {
                 match register(&data) {
                     Ok(b) => {
                         let b = Arc::new(b);
-                        node.io.joined_passthrough(&b, BackingFile::Copy(identity));
+                        node.opened()
+                            .io
+                            .joined_passthrough(&b, BackingFile::Copy(identity));
                         drop(inodes);
                         handle.cache_ref = Some(rel.to_path_buf());
                         handle.kind = HandleKind::Passthrough {
@@ -191,7 +193,7 @@ impl Vfs {
                     Err(e) => {
                         tracing::warn!(error = %e, "passthrough unavailable; serving copies from user space");
                         self.passthrough_ok.store(false, Ordering::Relaxed);
-                        node.io.joined_daemon();
+                        node.opened().io.joined_daemon();
                         drop(inodes);
                         handle.cache_ref = Some(rel.to_path_buf());
                         handle.kind = HandleKind::Ssd(data);
@@ -201,7 +203,7 @@ impl Vfs {
                 }
             }
             ReaderPlan::Daemon { nas_only } => {
-                node.io.joined_daemon();
+                node.opened().io.joined_daemon();
                 drop(inodes);
                 match (found, ssd, nas_only) {
                     (Found::Complete(_), Some(data), false) => {
@@ -223,7 +225,7 @@ impl Vfs {
             }
         };
         if exec && let Some(node) = self.inodes.lock().get_mut(ino) {
-            node.executing += 1;
+            node.opened().executing += 1;
         }
         if changed {
             self.forget_attributes(ino);
@@ -275,17 +277,17 @@ impl Vfs {
             kind: HandleKind::Nas,
             nas: None,
             cache_ref: Some(rel.to_path_buf()),
-            stale: node.stale.clone(),
+            stale: node.opened().stale.clone(),
             writer: false,
             exec: false,
             identity: Some(identity),
             attr,
         };
-        let mode = match node.io.plan_offline_reader(identity, passthrough) {
+        let mode = match node.opened().io.plan_offline_reader(identity, passthrough) {
             ReaderPlan::Share(b)
-                if matches!(node.io.backing_file(), Some(BackingFile::Copy(_))) =>
+                if matches!(node.opened().io.backing_file(), Some(BackingFile::Copy(_))) =>
             {
-                node.io.joined_shared();
+                node.opened().io.joined_shared();
                 handle.kind = HandleKind::Passthrough {
                     backing: b.clone(),
                     copy: true,
@@ -295,7 +297,9 @@ impl Vfs {
             ReaderPlan::StartCopyPassthrough => match register(&data) {
                 Ok(b) => {
                     let b = Arc::new(b);
-                    node.io.joined_passthrough(&b, BackingFile::Copy(identity));
+                    node.opened()
+                        .io
+                        .joined_passthrough(&b, BackingFile::Copy(identity));
                     handle.kind = HandleKind::Passthrough {
                         backing: b.clone(),
                         copy: true,
@@ -303,13 +307,13 @@ impl Vfs {
                     OpenMode::Passthrough(b)
                 }
                 Err(_) => {
-                    node.io.joined_daemon();
+                    node.opened().io.joined_daemon();
                     handle.kind = HandleKind::Ssd(data);
                     OpenMode::Daemon { keep_cache: false }
                 }
             },
             ReaderPlan::Daemon { nas_only: false } => {
-                node.io.joined_daemon();
+                node.opened().io.joined_daemon();
                 handle.kind = HandleKind::Ssd(data);
                 OpenMode::Daemon { keep_cache: false }
             }
@@ -499,10 +503,12 @@ impl Vfs {
     fn copy_went_stale(&self, h: &Handle) {
         h.stale.store(true, Ordering::Release);
         if let Some(node) = self.inodes.lock().get_mut(h.ino)
-            && Arc::ptr_eq(&node.stale, &h.stale)
-            && !node.io.writing()
+            && node
+                .opened_ref()
+                .is_some_and(|o| Arc::ptr_eq(&o.stale, &h.stale))
+            && !node.writing()
         {
-            node.stale = Default::default();
+            node.opened().stale = Default::default();
         }
         Stats::add(&self.stats.stale_dropped, 1);
         if let Some(rel) = &h.cache_ref {
@@ -562,14 +568,14 @@ impl Vfs {
         {
             let mut inodes = self.inodes.lock();
             if let Some(node) = inodes.get_mut(h.ino) {
-                node.io.released(h.writer);
+                node.opened().io.released(h.writer);
                 if h.exec {
-                    node.executing = node.executing.saturating_sub(1);
+                    node.opened().executing = node.opened().executing.saturating_sub(1);
                 }
-                if h.writer && !node.io.writing() {
-                    node.stale = Default::default();
+                if h.writer && !node.writing() {
+                    node.opened().stale = Default::default();
                 }
-                if node.io.open() == 0 && node.nlookup == 0 {
+                if node.open_count() == 0 && node.nlookup == 0 {
                     inodes.forget(h.ino, 0);
                 }
             }

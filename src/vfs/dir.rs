@@ -60,7 +60,7 @@ impl Vfs {
                 let mtime = (st.st_mtime, st.st_mtime_nsec);
                 let mut inodes = self.inodes.lock();
                 let node = inodes.get_mut(ino).ok_or(FsError::Stale)?;
-                let before = node.dir_mtime.replace(mtime);
+                let before = node.opened().dir_mtime.replace(mtime);
                 let keep = before == Some(mtime);
                 (self.attr_of(&st), keep, before.is_some() && !keep)
             }
@@ -120,7 +120,7 @@ impl Vfs {
                 // The kernel must not keep this partial listing as the directory's content
                 // once the NAS is back: the next open lists the NAS again.
                 if let Some(node) = self.inodes.lock().get_mut(ino) {
-                    node.dir_mtime = None;
+                    node.opened().dir_mtime = None;
                 }
                 Listing {
                     entries: entries

@@ -31,21 +31,30 @@ pub fn ino_for(root_dev: u64, root_ino: u64, dev: u64, ino: u64) -> u64 {
     h.finish() | (1 << 63)
 }
 
-/// One known inode.
+/// One known inode. Most are never opened (a walk looks up every file), so what an open needs
+/// lives in [`Opened`], allocated at the first open: a known inode costs about 64 bytes.
 #[derive(Debug)]
 pub struct Node {
     /// NAS-relative path (the last one it was looked up under).
-    pub rel: PathBuf,
+    pub rel: Box<Path>,
     /// Kernel lookup count.
     pub nlookup: u64,
+    /// The size and mtime the kernel was last given (lookup, listing, getattr): an open that
+    /// finds the NAS file different tells the kernel to drop what it caches.
+    pub shown: Option<(u64, std::time::SystemTime)>,
+    /// The path was unlinked or replaced: only open handles still reach the file.
+    pub gone: bool,
+    opened: Option<Box<Opened>>,
+}
+
+/// What the opens of an inode leave behind.
+#[derive(Debug, Default)]
+pub struct Opened {
     /// The I/O mode of its open handles.
     pub io: InodeIo<fuser::BackingId>,
     /// Identity of the file at the last open: when it is unchanged, the kernel may keep its page
     /// cache for the inode (`FOPEN_KEEP_CACHE`).
     pub last_identity: Option<Identity>,
-    /// The size and mtime the kernel was last given (lookup, listing, getattr): an open that
-    /// finds the NAS file different tells the kernel to drop what it caches.
-    pub shown: Option<(u64, std::time::SystemTime)>,
     /// For a directory: its mtime (s, ns) when it was last opened, to let the kernel keep its
     /// cached listing while the directory is unchanged.
     pub dir_mtime: Option<(i64, i64)>,
@@ -53,26 +62,50 @@ pub struct Node {
     /// read the NAS from then on. Replaced by a fresh flag once no writer is left, so later
     /// handles are not affected.
     pub stale: std::sync::Arc<std::sync::atomic::AtomicBool>,
-    /// The path was unlinked or replaced: only open handles still reach the file.
-    pub gone: bool,
     /// Handles the kernel opened to execute the file (a running program): the file must not
     /// be truncated (`ETXTBSY`).
     pub executing: u32,
 }
 
 impl Node {
-    fn new(rel: PathBuf) -> Self {
+    fn new(rel: &Path) -> Self {
         Self {
-            rel,
+            rel: rel.into(),
             nlookup: 0,
-            io: InodeIo::default(),
-            last_identity: None,
             shown: None,
-            dir_mtime: None,
-            stale: Default::default(),
             gone: false,
-            executing: 0,
+            opened: None,
         }
+    }
+
+    /// The open state, created at the first use.
+    pub fn opened(&mut self) -> &mut Opened {
+        self.opened.get_or_insert_default()
+    }
+
+    /// The open state to change, if the inode was ever opened.
+    pub fn opened_mut(&mut self) -> Option<&mut Opened> {
+        self.opened.as_deref_mut()
+    }
+
+    /// The open state, if the inode was ever opened.
+    pub fn opened_ref(&self) -> Option<&Opened> {
+        self.opened.as_deref()
+    }
+
+    /// Handles open.
+    pub fn open_count(&self) -> u32 {
+        self.opened.as_ref().map_or(0, |o| o.io.open())
+    }
+
+    /// Whether a writer is open or reserved.
+    pub fn writing(&self) -> bool {
+        self.opened.as_ref().is_some_and(|o| o.io.writing())
+    }
+
+    /// Handles open to execute the file.
+    pub fn executing(&self) -> u32 {
+        self.opened.as_ref().map_or(0, |o| o.executing)
     }
 }
 
@@ -85,7 +118,7 @@ pub struct Inodes {
 impl Default for Inodes {
     fn default() -> Self {
         let mut nodes = HashMap::new();
-        nodes.insert(ROOT_INO, Node::new(PathBuf::new()));
+        nodes.insert(ROOT_INO, Node::new(Path::new("")));
         Self { nodes }
     }
 }
@@ -93,12 +126,9 @@ impl Default for Inodes {
 impl Inodes {
     /// Records a lookup of `rel` as `ino` (counting it).
     pub fn remember(&mut self, ino: u64, rel: &Path) -> &mut Node {
-        let node = self
-            .nodes
-            .entry(ino)
-            .or_insert_with(|| Node::new(rel.to_path_buf()));
-        if (node.rel != rel || node.gone) && ino != ROOT_INO {
-            node.rel = rel.to_path_buf();
+        let node = self.nodes.entry(ino).or_insert_with(|| Node::new(rel));
+        if (*node.rel != *rel || node.gone) && ino != ROOT_INO {
+            node.rel = rel.into();
             node.gone = false;
         }
         node.nlookup += 1;
@@ -112,9 +142,9 @@ impl Inodes {
                 && !node.gone
             {
                 node.rel = if rest.as_os_str().is_empty() {
-                    new.to_path_buf()
+                    new.into()
                 } else {
-                    new.join(rest)
+                    new.join(rest).into_boxed_path()
                 };
             }
         }
@@ -123,7 +153,7 @@ impl Inodes {
     /// The inode known at `rel` (if any) no longer has that name.
     pub fn unlinked(&mut self, ino: u64, rel: &Path) {
         if let Some(node) = self.nodes.get_mut(&ino)
-            && node.rel == rel
+            && *node.rel == *rel
             && ino != ROOT_INO
         {
             node.gone = true;
@@ -137,7 +167,7 @@ impl Inodes {
         }
         if let Some(node) = self.nodes.get_mut(&ino) {
             node.nlookup = node.nlookup.saturating_sub(n);
-            if node.nlookup == 0 && node.io.open() == 0 {
+            if node.nlookup == 0 && node.open_count() == 0 {
                 self.nodes.remove(&ino);
             }
         }
@@ -148,7 +178,7 @@ impl Inodes {
         self.nodes
             .get(&ino)
             .filter(|n| !n.gone)
-            .map(|n| n.rel.clone())
+            .map(|n| n.rel.to_path_buf())
     }
 
     /// The names known directly below directory `dir` (a linear scan: only after the NAS
@@ -165,7 +195,7 @@ impl Inodes {
     pub fn find_path(&self, rel: &Path) -> Option<u64> {
         self.nodes
             .iter()
-            .find(|(_, n)| n.rel == rel && !n.gone)
+            .find(|(_, n)| *n.rel == *rel && !n.gone)
             .map(|(ino, _)| *ino)
     }
 
@@ -209,10 +239,10 @@ mod tests {
         assert_eq!(t.path(10).unwrap(), Path::new("a/b"));
         t.forget(10, 1);
         assert!(t.path(10).is_some());
-        t.get_mut(10).unwrap().io.joined_daemon();
+        t.get_mut(10).unwrap().opened().io.joined_daemon();
         t.forget(10, 1);
         assert!(t.path(10).is_some(), "open inodes stay");
-        t.get_mut(10).unwrap().io.released(false);
+        t.get_mut(10).unwrap().opened().io.released(false);
         t.remember(10, Path::new("a/c"));
         assert_eq!(t.path(10).unwrap(), Path::new("a/c"));
         t.forget(10, 1);

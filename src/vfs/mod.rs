@@ -461,7 +461,7 @@ impl Vfs {
         attr.ino = ino;
         // Handles reading the SSD copy through passthrough see the size and mtime it holds.
         if let Some(node) = self.inodes.lock().get_mut(ino) {
-            if let Some(held) = node.io.held() {
+            if let Some(held) = node.opened_ref().and_then(|o| o.io.held()) {
                 hold(&mut attr, held);
             }
             node.shown = Some((attr.size, attr.mtime));

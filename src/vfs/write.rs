@@ -88,10 +88,11 @@ impl Vfs {
     /// The content of `ino` (at `rel`) changes: handles reading a copy switch to the NAS, and
     /// the copy goes.
     fn content_changed(&self, ino: u64, rel: &Path) {
-        if let Some(node) = self.inodes.lock().get_mut(ino) {
-            node.stale.store(true, Ordering::Release);
-            if !node.io.writing() {
-                node.stale = Default::default();
+        // A node never opened has no handle to tell.
+        if let Some(o) = self.inodes.lock().get_mut(ino).and_then(|n| n.opened_mut()) {
+            o.stale.store(true, Ordering::Release);
+            if !o.io.writing() {
+                o.stale = Default::default();
             }
         }
         self.forget_copies(rel);
@@ -114,7 +115,7 @@ impl Vfs {
             self.inodes
                 .lock()
                 .get_mut(ino)
-                .map(|n| n.io.reserve_writer())
+                .map(|n| n.opened().io.reserve_writer())
                 .ok_or(FsError::Stale)
         };
         if reserve()? {
@@ -140,7 +141,7 @@ impl Vfs {
     /// Ends a writer's reservation that did not lead to a handle.
     fn cancel_writer(&self, ino: u64) {
         if let Some(n) = self.inodes.lock().get_mut(ino) {
-            n.io.cancel_writer();
+            n.opened().io.cancel_writer();
         }
     }
 
@@ -160,7 +161,7 @@ impl Vfs {
                 .inodes
                 .lock()
                 .get_mut(ino)
-                .is_some_and(|n| n.executing > 0)
+                .is_some_and(|n| n.executing() > 0)
         {
             return Err(FsError::Busy);
         }
@@ -221,10 +222,10 @@ impl Vfs {
         let Some(node) = inodes.get_mut(ino) else {
             return Err(FsError::Stale);
         };
-        let stale = node.stale.clone();
-        let (kind, mode) = match node.io.plan_writer(write_only, passthrough) {
+        let stale = node.opened().stale.clone();
+        let (kind, mode) = match node.opened().io.plan_writer(write_only, passthrough) {
             WriterPlan::Share(b) => {
-                node.io.joined_shared();
+                node.opened().io.joined_shared();
                 (
                     HandleKind::Passthrough {
                         backing: b.clone(),
@@ -234,7 +235,7 @@ impl Vfs {
                 )
             }
             WriterPlan::Refuse => {
-                node.io.cancel_writer();
+                node.opened().io.cancel_writer();
                 drop(inodes);
                 tracing::warn!(path = %rel.display(), "file busy in another I/O mode; refusing the write open");
                 return Err(FsError::Busy);
@@ -249,7 +250,7 @@ impl Vfs {
                 match registered {
                     Ok(b) => {
                         let b = Arc::new(b);
-                        node.io.joined_passthrough(
+                        node.opened().io.joined_passthrough(
                             &b,
                             BackingFile::Nas {
                                 readable: readable.is_some(),
@@ -265,13 +266,13 @@ impl Vfs {
                     }
                     Err(e) => {
                         tracing::debug!(error = %e, "no passthrough for a writer");
-                        node.io.joined_daemon();
+                        node.opened().io.joined_daemon();
                         (HandleKind::Write, OpenMode::Daemon { keep_cache: false })
                     }
                 }
             }
             WriterPlan::Daemon => {
-                node.io.joined_daemon();
+                node.opened().io.joined_daemon();
                 (HandleKind::Write, OpenMode::Daemon { keep_cache: false })
             }
         };
@@ -299,7 +300,7 @@ impl Vfs {
         self.inodes
             .lock()
             .get_mut(ino)
-            .is_some_and(|n| n.io.open() == 0)
+            .is_some_and(|n| n.open_count() == 0)
     }
 
     /// `create`: makes the file on the NAS as the caller and opens it for writing.
@@ -576,7 +577,7 @@ impl Vfs {
             // Same bytes, new metadata: readers of the SSD copy may keep sharing it.
             let now = self.cache.rule().identity(&st);
             if let Some(node) = self.inodes.lock().get_mut(ino) {
-                node.io.rehold(now);
+                node.opened().io.rehold(now);
             }
         }
         let mut attr = self.attr_of(&st);
