@@ -33,6 +33,25 @@ impl ChunkMap {
         }
     }
 
+    /// A complete map (every chunk present).
+    ///
+    /// # Panics
+    /// If `chunk_size` is zero.
+    pub fn full(len: u64, chunk_size: u64) -> Self {
+        let mut m = Self::new(len, chunk_size);
+        let chunks = m.chunk_count();
+        for (i, w) in m.words.iter_mut().enumerate() {
+            let bits = chunks - 64 * i as u64;
+            *w = if bits >= 64 {
+                u64::MAX
+            } else {
+                (1 << bits) - 1
+            };
+        }
+        m.present = chunks;
+        m
+    }
+
     /// Length of the file the map describes.
     pub fn len(&self) -> u64 {
         self.len
@@ -204,6 +223,28 @@ mod tests {
         m.set_present(1);
         assert!(m.is_complete());
         assert_eq!(m.present_bytes(), 10);
+    }
+
+    #[test]
+    fn full_maps_are_complete() {
+        for (len, chunk) in [
+            (0, 4),
+            (1, 4),
+            (9, 4),
+            (64 * 4, 4),
+            (65 * 4 + 1, 4),
+            (1000, 7),
+        ] {
+            let mut by_hand = ChunkMap::new(len, chunk);
+            for c in 0..by_hand.chunk_count() {
+                by_hand.set_present(c);
+            }
+            assert_eq!(
+                ChunkMap::full(len, chunk),
+                by_hand,
+                "len {len} chunk {chunk}"
+            );
+        }
     }
 
     #[test]

@@ -46,8 +46,6 @@ pub struct Cache {
     pub(super) live: Mutex<HashMap<PathBuf, Weak<CacheFile>>>,
     flush_tx: Mutex<Option<mpsc::Sender<Arc<CacheFile>>>>,
     flusher: Mutex<Option<std::thread::JoinHandle<()>>>,
-    /// Least recently used first when iterated in reverse; every indexed entry is in it.
-    pub(super) lru: Mutex<lru::LruCache<PathBuf, ()>>,
     /// Handles open through the mount, per NAS path: such copies are never evicted.
     pub(super) open: Mutex<HashMap<PathBuf, u32>>,
     pub(super) settings: Arc<Live>,
@@ -90,12 +88,6 @@ impl Cache {
         stats: Arc<Stats>,
     ) -> Arc<Self> {
         let (tx, rx) = mpsc::channel::<Arc<CacheFile>>();
-        let mut summaries = store.summaries();
-        summaries.sort_by_key(|(_, _, atime, _)| *atime);
-        let mut lru = lru::LruCache::unbounded();
-        for (p, ..) in summaries {
-            lru.put(p, ());
-        }
         let cache = Arc::new(Self {
             store,
             rule,
@@ -103,7 +95,6 @@ impl Cache {
             live: Mutex::new(HashMap::new()),
             flush_tx: Mutex::new(Some(tx)),
             flusher: Mutex::new(None),
-            lru: Mutex::new(lru),
             open: Mutex::new(HashMap::new()),
             settings,
             stats,
@@ -188,7 +179,6 @@ impl Cache {
                 self.live
                     .lock()
                     .insert(rel.to_path_buf(), Arc::downgrade(&cf));
-                self.lru.lock().put(rel.to_path_buf(), ());
                 Found::Partial(cf)
             }
             other => other,
@@ -307,7 +297,6 @@ impl Cache {
         if let Some(rec) = self.store.get(rel) {
             self.store.remove(rel, rec.id)?;
         }
-        self.lru.lock().pop(rel);
         Ok(())
     }
 
@@ -340,9 +329,7 @@ impl Cache {
     /// until [`Cache::close_ref`].
     pub fn open_ref(&self, rel: &Path) {
         *self.open.lock().entry(rel.to_path_buf()).or_default() += 1;
-        if self.lru.lock().get(rel).is_some() {
-            self.store.touch(rel, now_secs());
-        }
+        self.store.touch(rel, now_secs());
     }
 
     /// Ends an [`Cache::open_ref`].

@@ -3,10 +3,12 @@
 
 pub mod adopt;
 pub mod chunks;
+pub mod entries;
 pub mod file;
 pub mod store;
 
 pub use chunks::ChunkMap;
+pub use entries::{Aged, Totals};
 pub use file::{CacheFile, FetchError};
 pub use store::{EntryRecord, Perms, Store, StoreError};
 pub mod live;

@@ -17,6 +17,9 @@ use super::live::now_secs;
 use crate::policy::{category_key, category_of, glob_set};
 use crate::stats::Stats;
 
+/// Candidates an eviction pass keeps (the oldest copies not kept for another reason).
+const EVICTION_BATCH: usize = 64;
+
 /// Space figures of the cache, in bytes.
 #[derive(Clone, Copy, Debug, Default, Serialize, PartialEq, Eq)]
 pub struct Usage {
@@ -37,6 +40,17 @@ impl Usage {
     pub fn fits(&self, need: u64) -> bool {
         (self.max == 0 || self.used + need <= self.max)
             && self.free >= self.reserve + self.pending + need
+    }
+
+    /// The bytes to free before `need` more fit (0: they fit).
+    pub fn deficit(&self, need: u64) -> u64 {
+        let by_max = if self.max == 0 {
+            0
+        } else {
+            (self.used + need).saturating_sub(self.max)
+        };
+        let by_disk = (self.reserve + self.pending + need).saturating_sub(self.free);
+        by_max.max(by_disk)
     }
 
     /// The effective limit: the size the cache may reach.
@@ -115,10 +129,17 @@ impl Cache {
         };
         let mut used = self.store.reserved_bytes();
         let mut pending = 0;
-        for cf in self.live.lock().values().filter_map(Weak::upgrade) {
+        // Copies being filled (few); the index is asked without the live map locked.
+        let filling: Vec<_> = self
+            .live
+            .lock()
+            .values()
+            .filter_map(Weak::upgrade)
+            .collect();
+        for cf in filling {
             let map = cf.map();
             pending += map.len() - map.present_bytes();
-            if self.store.get(cf.rel()).is_none() {
+            if !self.store.contains(cf.rel()) {
                 used += map.len(); // not indexed yet
             }
         }
@@ -140,18 +161,23 @@ impl Cache {
                 .is_some_and(|w| w.strong_count() > 0)
     }
 
-    /// Least recently used first.
-    fn lru_order(&self) -> Vec<PathBuf> {
-        self.lru
-            .lock()
-            .iter()
-            .rev()
-            .map(|(p, _)| p.clone())
-            .collect()
+    /// The paths that must not be evicted now (open through the mount or being filled): a
+    /// snapshot, so that the index is scanned without other locks taken.
+    fn busy_paths(&self) -> std::collections::HashSet<PathBuf> {
+        let mut busy: std::collections::HashSet<PathBuf> =
+            self.open.lock().keys().cloned().collect();
+        busy.extend(
+            self.live
+                .lock()
+                .iter()
+                .filter(|(_, w)| w.strong_count() > 0)
+                .map(|(p, _)| p.clone()),
+        );
+        busy
     }
 
     fn evict(&self, rel: &Path, reason: &str) -> bool {
-        let size = self.store.get(rel).map(|e| e.identity.size).unwrap_or(0);
+        let size = self.store.size_of(rel).unwrap_or(0);
         match self.discard_if_idle(rel) {
             Ok(false) => false, // opened since it was chosen
             Ok(true) => {
@@ -168,41 +194,48 @@ impl Cache {
     }
 
     /// Makes room for a new copy of `need` bytes of `rel`, evicting least recently used copies.
-    /// Returns false (evicting nothing more than it had to try) when it cannot fit.
+    /// Returns false (evicting nothing) when evicting every evictable copy would not be enough.
+    ///
+    /// The oldest copies are found by a pass over the index that keeps a few candidates (more
+    /// passes, each keeping four times as many, only when those few do not free enough): no
+    /// copy of the recency order is made, and the pass runs only when the cache is full.
     pub fn make_room(&self, rel: &Path, need: u64) -> bool {
         let _guard = self.space.lock();
         let usage = self.usage();
-        if usage.fits(need) {
+        let deficit = usage.deficit(need);
+        if deficit == 0 {
             return true;
         }
-        // Check that evicting every evictable copy would be enough before evicting any.
         let pins = glob_set(&self.settings.settings().pin);
-        let candidates: Vec<(PathBuf, u64)> = self
-            .lru_order()
-            .into_iter()
-            .filter(|p| p != rel && !pins.is_match(p) && !self.is_busy(p))
-            .filter_map(|p| self.store.get(&p).map(|e| (p, e.identity.size)))
-            .collect();
-        let evictable: u64 = candidates.iter().map(|(_, s)| s).sum();
-        let best = Usage {
-            used: usage.used.saturating_sub(evictable),
-            free: usage.free + evictable,
-            ..usage
+        let busy = self.busy_paths();
+        let keep = |p: &Path| p == rel || busy.contains(p) || pins.is_match(p);
+        let mut limit = EVICTION_BATCH;
+        let chosen = loop {
+            let candidates = self.store.oldest(limit, keep);
+            let mut freed = 0;
+            let enough = candidates.iter().position(|c| {
+                freed += c.size;
+                freed >= deficit
+            });
+            match enough {
+                Some(i) => break candidates[..=i].to_vec(),
+                None if candidates.len() < limit => {
+                    tracing::info!(
+                        path = %rel.display(),
+                        bytes = need,
+                        limit = usage.limit(),
+                        "copy does not fit in the cache; serving it from the NAS"
+                    );
+                    return false;
+                }
+                None => limit *= 4,
+            }
         };
-        if !best.fits(need) {
-            tracing::info!(
-                path = %rel.display(),
-                bytes = need,
-                limit = usage.limit(),
-                "copy does not fit in the cache; serving it from the NAS"
-            );
-            return false;
-        }
-        for (p, _) in candidates {
+        for c in chosen {
             if self.usage().fits(need) {
                 break;
             }
-            self.evict(&p, "make room");
+            self.evict(&c.path, "make room");
         }
         self.usage().fits(need)
     }
@@ -212,17 +245,28 @@ impl Cache {
     pub fn enforce_limits(&self) -> usize {
         self.store.retry_removals();
         let _guard = self.space.lock();
+        if self.usage().fits(0) {
+            return 0;
+        }
         let pins = glob_set(&self.settings.settings().pin);
+        let mut kept = self.busy_paths();
         let mut evicted = 0;
-        for p in self.lru_order() {
-            if self.usage().fits(0) {
+        loop {
+            let candidates = self
+                .store
+                .oldest(EVICTION_BATCH, |p| kept.contains(p) || pins.is_match(p));
+            if candidates.is_empty() {
                 break;
             }
-            if pins.is_match(&p) || self.is_busy(&p) {
-                continue;
-            }
-            if self.evict(&p, "over the limit") {
-                evicted += 1;
+            for c in candidates {
+                if self.usage().fits(0) {
+                    return evicted;
+                }
+                if self.evict(&c.path, "over the limit") {
+                    evicted += 1;
+                } else {
+                    kept.insert(c.path); // busy since, or failed: not chosen again
+                }
             }
         }
         evicted
@@ -239,23 +283,30 @@ impl Cache {
             ..Default::default()
         };
         let mut remaining = self.store.reserved_bytes();
-        for p in self.lru_order() {
-            let Some(e) = self.store.get(&p) else {
-                continue;
-            };
-            let named = req.file.as_deref() == Some(p.as_path());
-            let matches = if req.file.is_some() {
-                named
-            } else {
-                let by_cat = want_cat.is_none_or(|c| category_of(&p) == Some(c));
-                let by_age = req
-                    .older_than
-                    .is_none_or(|d| now.saturating_sub(e.last_access) >= d.as_secs());
-                let by_size = req.to_bytes.is_none_or(|t| remaining > t);
-                by_cat && by_age && by_size
-            };
-            if !matches {
-                continue;
+        let candidates = match &req.file {
+            Some(f) => self
+                .store
+                .get(f)
+                .map(|r| super::Aged {
+                    path: f.clone(),
+                    id: r.id,
+                    size: r.identity.size,
+                    last_access: r.last_access,
+                })
+                .into_iter()
+                .collect(),
+            None => self.store.by_age(|p, a| {
+                want_cat.is_none_or(|c| category_of(p) == Some(c))
+                    && req
+                        .older_than
+                        .is_none_or(|d| now.saturating_sub(a.last_access) >= d.as_secs())
+            }),
+        };
+        for e in candidates {
+            let p = e.path;
+            let named = req.file.is_some();
+            if !named && req.to_bytes.is_some_and(|t| remaining <= t) {
+                break;
             }
             if !named && pins.is_match(&p) {
                 report.skipped_pinned += 1;
@@ -267,7 +318,7 @@ impl Cache {
             }
             let item = TrimItem {
                 path: p.clone(),
-                bytes: e.identity.size,
+                bytes: e.size,
                 last_access: e.last_access,
             };
             if req.dry_run || self.evict(&p, "trim") {
@@ -427,5 +478,43 @@ mod tests {
         );
         assert!(c.store.get(Path::new("a/3")).is_some());
         assert!(!c.make_room(Path::new("a/huge"), 301));
+    }
+
+    /// More copies must go than one pass keeps: later passes keep more; pinned and open copies
+    /// stay; nothing goes when even all of the others would not be enough.
+    #[test]
+    fn make_room_beyond_one_batch() {
+        let n = EVICTION_BATCH * 5;
+        let paths: Vec<String> = (0..n).map(|i| format!("loras/{i:04}")).collect();
+        let entries: Vec<(&str, u64, u64)> = paths
+            .iter()
+            .enumerate()
+            .map(|(i, p)| (p.as_str(), 10, 1000 + i as u64))
+            .collect();
+        let settings = Settings {
+            max_bytes: 10 * n as u64,
+            min_free: Some(0),
+            pin: vec!["loras/0001".into()],
+            ..Settings::default()
+        };
+        let (_d, c) = cache(&entries, settings);
+        c.open_ref(Path::new("loras/0000"));
+        // Asking for more than all but the open and the pinned copy: refused, nothing goes.
+        assert!(!c.make_room(Path::new("x"), 10 * (n as u64 - 1)));
+        assert_eq!(c.store.len(), n);
+        // Room for three batches' worth: the oldest go, the open and pinned ones stay.
+        let need = 10 * 3 * EVICTION_BATCH as u64;
+        assert!(c.make_room(Path::new("x"), need));
+        assert_eq!(c.store.len(), n - 3 * EVICTION_BATCH);
+        assert!(c.store.get(Path::new("loras/0000")).is_some());
+        assert!(c.store.get(Path::new("loras/0001")).is_some());
+        let oldest_left = (2..n)
+            .find(|i| c.store.get(Path::new(&paths[*i])).is_some())
+            .unwrap();
+        assert_eq!(oldest_left, 2 + 3 * EVICTION_BATCH, "the oldest went first");
+        assert_eq!(
+            c.store.reserved_bytes(),
+            10 * (n - 3 * EVICTION_BATCH) as u64
+        );
     }
 }

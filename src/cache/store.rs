@@ -29,6 +29,7 @@ use parking_lot::Mutex;
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 
 use super::ChunkMap;
+use super::entries::{Aged, Entries, Totals};
 use crate::source::Identity;
 
 /// Name of the versioned subdirectory of the cache dir.
@@ -265,7 +266,7 @@ impl EntryRecord {
 /// Bytes of index pages redb keeps in memory. The whole index is read once at startup and held
 /// in [`Store`]'s own maps; redb's cache only serves the writes, so it is kept small (its default,
 /// 1 GiB, would hold the whole index file a second time).
-const INDEX_CACHE_BYTES: usize = 16 << 20;
+const INDEX_CACHE_BYTES: usize = 4 << 20;
 
 fn open_db(path: &Path) -> Result<Database, StoreError> {
     Database::builder()
@@ -280,8 +281,8 @@ pub struct Store {
     dir: PathBuf,
     /// The index; `None` only while a reopen after an I/O error has not succeeded yet.
     db: parking_lot::RwLock<Option<Database>>,
-    /// Ordered by path (component-wise), so everything below a directory is one range.
-    entries: Mutex<BTreeMap<PathBuf, EntryRecord>>,
+    /// The index in memory.
+    entries: Mutex<Entries>,
     /// Owner and mode of NAS directories seen (this run, or recorded in [`DIRS`] by an earlier
     /// one); those with entries below them are recorded.
     dirs: Mutex<BTreeMap<PathBuf, Perms>>,
@@ -310,7 +311,7 @@ impl Store {
         check_format(&dir)?;
 
         let db = open_db(&dir.join("index.redb"))?;
-        let mut entries = BTreeMap::new();
+        let mut entries = Vec::new();
         let mut dirs = BTreeMap::new();
         let mut next_id = 1;
         {
@@ -331,7 +332,7 @@ impl Store {
                 match EntryRecord::decode(v.value()) {
                     Some(rec) => {
                         next_id = next_id.max(rec.id + 1);
-                        entries.insert(key, rec);
+                        entries.push((key, rec));
                     }
                     None => bad.push(k.value().to_vec()),
                 }
@@ -365,7 +366,7 @@ impl Store {
         let store = Self {
             dir,
             db: parking_lot::RwLock::new(Some(db)),
-            entries: Mutex::new(entries),
+            entries: Mutex::new(Entries::load(entries)),
             dirs: Mutex::new(dirs),
             dirs_dirty: Mutex::new(BTreeSet::new()),
             next_id: AtomicU64::new(next_id),
@@ -434,59 +435,66 @@ impl Store {
         self.len() == 0
     }
 
+    /// Counts and byte sums over all entries (kept as entries change: no scan).
+    pub fn totals(&self) -> Totals {
+        self.entries.lock().totals()
+    }
+
     /// Number of complete entries.
     pub fn complete_count(&self) -> usize {
-        self.entries
-            .lock()
-            .values()
-            .filter(|e| e.is_complete())
-            .count()
+        self.totals().complete
     }
 
     /// Bytes the entries will hold when complete (their NAS sizes).
     pub fn reserved_bytes(&self) -> u64 {
-        self.entries.lock().values().map(|e| e.identity.size).sum()
+        self.totals().reserved
     }
 
     /// Bytes held by present chunks, over all entries.
     pub fn used_bytes(&self) -> u64 {
-        self.entries
-            .lock()
-            .values()
-            .map(|e| e.map.present_bytes())
-            .sum()
+        self.totals().present
     }
 
     /// The record for a NAS path, if any.
     pub fn get(&self, rel: &Path) -> Option<EntryRecord> {
-        self.entries.lock().get(rel).cloned()
+        self.entries.lock().get(rel)
     }
 
-    /// All entries (path, size, last access, complete), for rebuilding the LRU order.
-    pub fn summaries(&self) -> Vec<(PathBuf, u64, u64, bool)> {
-        self.entries
-            .lock()
-            .iter()
-            .map(|(p, e)| (p.clone(), e.identity.size, e.last_access, e.is_complete()))
-            .collect()
+    /// Whether a NAS path is indexed.
+    pub fn contains(&self, rel: &Path) -> bool {
+        self.entries.lock().contains(rel)
+    }
+
+    /// The NAS size recorded for `rel`.
+    pub fn size_of(&self, rel: &Path) -> Option<u64> {
+        self.entries.lock().size_of(rel)
+    }
+
+    /// Up to `limit` of the least recently used entries that `keep` does not keep, oldest first
+    /// (one pass over the index; `keep` is asked only about entries old enough to matter).
+    pub fn oldest(&self, limit: usize, keep: impl FnMut(&Path) -> bool) -> Vec<Aged> {
+        self.entries.lock().oldest(limit, keep)
+    }
+
+    /// Every entry `pick` picks, least recently used first.
+    pub fn by_age(&self, pick: impl FnMut(&Path, &Aged) -> bool) -> Vec<Aged> {
+        self.entries.lock().by_age(pick)
     }
 
     /// The entry id and recorded owner and mode of `rel`, if it is indexed (cheap: no record
     /// is copied).
     pub fn perms_of(&self, rel: &Path) -> Option<(u64, Option<Perms>)> {
-        self.entries.lock().get(rel).map(|e| (e.id, e.perms))
+        self.entries.lock().perms_of(rel)
     }
 
     /// The paths indexed at or below `dir` (a point lookup and one ordered range).
     pub fn paths_under(&self, dir: &Path) -> Vec<PathBuf> {
-        let entries = self.entries.lock();
-        range_under(&entries, dir).map(|(p, _)| p.clone()).collect()
+        self.entries.lock().paths_under(dir)
     }
 
     /// Whether a complete copy lies strictly below `dir`.
     pub fn complete_below(&self, dir: &Path) -> bool {
-        let entries = self.entries.lock();
-        range_under(&entries, dir).any(|(p, e)| p.as_path() != dir && e.is_complete())
+        self.entries.lock().complete_below(dir)
     }
 
     /// The names directly in `dir` that lead to complete copies: a file (its record) or a
@@ -495,36 +503,16 @@ impl Store {
         &self,
         dir: &Path,
     ) -> BTreeMap<std::ffi::OsString, Option<EntryRecord>> {
-        let entries = self.entries.lock();
-        let mut out = BTreeMap::new();
-        for (p, e) in range_under(&entries, dir).filter(|(_, e)| e.is_complete()) {
-            let Ok(rest) = p.strip_prefix(dir) else {
-                continue;
-            };
-            let mut comps = rest.components();
-            let Some(std::path::Component::Normal(first)) = comps.next() else {
-                continue;
-            };
-            let leaf = comps.next().is_none();
-            out.entry(first.to_os_string())
-                .or_insert_with(|| leaf.then(|| e.clone()));
-        }
-        out
+        self.entries.lock().complete_children(dir)
     }
 
     /// Records the owner and mode of the NAS file of entry `id` at `rel` when they changed
     /// (durably: what answers without the NAS serve).
     pub fn set_perms(&self, rel: &Path, id: u64, perms: Perms) -> Result<(), StoreError> {
-        let rec = {
-            let entries = self.entries.lock();
-            match entries.get(rel) {
-                Some(e) if e.id == id && e.perms != Some(perms) => EntryRecord {
-                    perms: Some(perms),
-                    ..e.clone()
-                },
-                _ => return Ok(()),
-            }
-        };
+        match self.entries.lock().perms_of(rel) {
+            Some((i, p)) if i == id && p != Some(perms) => {}
+            _ => return Ok(()),
+        }
         // Only entries still indexed with the same id: a removal in between wins.
         self.write_txn(|txn| {
             let mut table = txn.open_table(ENTRIES).map_err(index_err)?;
@@ -543,11 +531,7 @@ impl Store {
             }
             Ok(())
         })?;
-        if let Some(e) = self.entries.lock().get_mut(rel)
-            && e.id == id
-        {
-            e.perms = rec.perms;
-        }
+        self.entries.lock().set_perms(rel, id, perms);
         Ok(())
     }
 
@@ -558,13 +542,7 @@ impl Store {
         &self,
         stat: impl Fn(&Path) -> io::Result<nix::sys::stat::FileStat>,
     ) -> usize {
-        let missing: Vec<(PathBuf, u64)> = self
-            .entries
-            .lock()
-            .iter()
-            .filter(|(_, e)| e.perms.is_none())
-            .map(|(p, e)| (p.clone(), e.id))
-            .collect();
+        let missing = self.entries.lock().missing_perms();
         let mut filled = 0;
         for (rel, id) in missing {
             let Ok(st) = stat(&rel) else { continue };
@@ -597,8 +575,7 @@ impl Store {
 
     /// Records a use of `rel` (in memory; made durable by [`Store::flush_access`]).
     pub fn touch(&self, rel: &Path, now: u64) {
-        if let Some(e) = self.entries.lock().get_mut(rel) {
-            e.last_access = now;
+        if self.entries.lock().touch(rel, now) {
             self.touched.lock().insert(rel.to_path_buf());
         }
     }
@@ -610,13 +587,7 @@ impl Store {
         if touched.is_empty() {
             return Ok(0);
         }
-        let records: Vec<(PathBuf, EntryRecord)> = {
-            let entries = self.entries.lock();
-            touched
-                .into_iter()
-                .filter_map(|p| entries.get(&p).cloned().map(|e| (p, e)))
-                .collect()
-        };
+        let records = self.entries.lock().records_of(&touched);
         self.write_txn(|txn| {
             let mut table = txn.open_table(ENTRIES).map_err(index_err)?;
             for (p, rec) in &records {
@@ -651,7 +622,7 @@ impl Store {
             let entries = self.entries.lock();
             dirty
                 .iter()
-                .filter(|d| range_under(&entries, d).next().is_some())
+                .filter(|d| entries.any_under(d))
                 .cloned()
                 .collect()
         };
@@ -746,7 +717,7 @@ impl Store {
                 .map_err(index_err)?;
             Ok(())
         })?;
-        self.entries.lock().insert(rel.to_path_buf(), rec.clone());
+        self.entries.lock().insert(rel, rec.clone());
         Ok(())
     }
 
@@ -763,7 +734,7 @@ impl Store {
         })?;
         let mut entries = self.entries.lock();
         for (rel, rec) in records {
-            entries.insert(rel.clone(), rec.clone());
+            entries.insert(rel, rec.clone());
         }
         Ok(())
     }
@@ -776,17 +747,15 @@ impl Store {
     /// Removes the entry for `rel` if it still has id `id`: first from the index (durably), then
     /// its data file. Returns whether something was removed.
     pub fn remove(&self, rel: &Path, id: u64) -> Result<bool, StoreError> {
+        if self
+            .entries
+            .lock()
+            .perms_of(rel)
+            .is_none_or(|(i, _)| i != id)
         {
-            let entries = self.entries.lock();
-            match entries.get(rel) {
-                Some(e) if e.id == id => {}
-                _ => {
-                    drop(entries);
-                    // Not indexed (never persisted): only the data file may exist.
-                    remove_if_exists(&self.data_path(id))?;
-                    return Ok(false);
-                }
-            }
+            // Not indexed (never persisted): only the data file may exist.
+            remove_if_exists(&self.data_path(id))?;
+            return Ok(false);
         }
         let removed = self.write_txn(|txn| {
             let mut table = txn.open_table(ENTRIES).map_err(index_err)?;
@@ -803,7 +772,7 @@ impl Store {
             }
             return Err(e);
         }
-        self.entries.lock().remove(rel);
+        self.entries.lock().remove(rel, id);
         remove_if_exists(&self.data_path(id))?;
         Ok(true)
     }
@@ -830,8 +799,7 @@ impl Store {
     /// Deletes data files left by earlier runs that the index does not reference (a crash between
     /// creating a data file and recording it). Returns how many were removed.
     pub fn remove_orphans(&self) -> io::Result<usize> {
-        let live: std::collections::HashSet<u64> =
-            self.entries.lock().values().map(|e| e.id).collect();
+        let live = self.entries.lock().ids();
         let mut removed = 0;
         for sub in fs::read_dir(self.dir.join("data"))? {
             let sub = sub?;
@@ -872,17 +840,6 @@ impl Store {
         }
         Ok(())
     }
-}
-
-/// The entries at or below `dir`, in order.
-fn range_under<'a>(
-    entries: &'a BTreeMap<PathBuf, EntryRecord>,
-    dir: &'a Path,
-) -> impl Iterator<Item = (&'a PathBuf, &'a EntryRecord)> + 'a {
-    use std::ops::Bound;
-    entries
-        .range::<Path, _>((Bound::Included(dir), Bound::Unbounded))
-        .take_while(move |(p, _)| p.starts_with(dir))
 }
 
 fn parse_data_name(name: &[u8]) -> Option<u64> {
@@ -1076,7 +1033,7 @@ mod tests {
             999
         );
         assert_eq!(store.meta_get("k").unwrap().as_deref(), Some(&b"v"[..]));
-        assert_eq!(store.summaries().len(), 1);
+        assert_eq!(store.len(), 1);
         assert!(store.remove(Path::new("loras/a.safetensors"), id).unwrap());
         assert!(!store.data_path(id).exists());
         assert!(store.get(Path::new("loras/a.safetensors")).is_none());

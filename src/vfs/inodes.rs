@@ -191,14 +191,6 @@ impl Inodes {
             .collect()
     }
 
-    /// The inode known under `rel` (a linear scan: offline mode only).
-    pub fn find_path(&self, rel: &Path) -> Option<u64> {
-        self.nodes
-            .iter()
-            .find(|(_, n)| *n.rel == *rel && !n.gone)
-            .map(|(ino, _)| *ino)
-    }
-
     /// The node of an inode.
     pub fn get_mut(&mut self, ino: u64) -> Option<&mut Node> {
         self.nodes.get_mut(&ino)
