@@ -705,8 +705,7 @@ impl Worker {
             }
             self.throttle(len, settings.bwlimit);
             match cf.ensure_chunk(idx, file) {
-                Ok(Chunk::Fetched(buf)) => {
-                    let n = buf.len() as u64;
+                Ok(Chunk::Fetched(n)) => {
                     Stats::add(&self.stats.bytes_fetched, n);
                     self.stats
                         .category(category_of(rel), |c| c.bytes_fetched += n);

@@ -530,7 +530,7 @@ mod tests {
             // A partial copy in the index, not in use.
             {
                 let cf = partial(c.find(rel, id, None, true, false).unwrap());
-                cf.read(&nas, 0, 1).unwrap();
+                cf.read_all(&nas, 0, 1).unwrap();
                 cf.persist(c.store(), 1).unwrap();
             }
             let nas = Arc::new(nas);
@@ -542,7 +542,7 @@ mod tests {
                 let (c, nas) = (c.clone(), nas.clone());
                 move || {
                     if let Ok(Found::Partial(cf)) = c.find(Path::new("m"), id, None, false, false) {
-                        let _ = cf.read(&nas, CHUNK, 1);
+                        let _ = cf.read_all(&nas, CHUNK, 1);
                         let _ = cf.persist(c.store(), 2);
                     }
                 }

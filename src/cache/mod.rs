@@ -9,7 +9,7 @@ pub mod store;
 
 pub use chunks::ChunkMap;
 pub use entries::{Aged, Totals};
-pub use file::{CacheFile, FetchError};
+pub use file::{CacheFile, FetchError, Rest};
 pub use store::{EntryRecord, Perms, Store, StoreError};
 pub mod live;
 pub mod space;

@@ -9,7 +9,7 @@ use nix::sys::stat::FileStat;
 
 use super::iomode::{BackingFile, ReaderPlan};
 use super::{FsError, Handle, HandleKind, OpenMode, Opened, Register, Vfs};
-use crate::cache::{CacheFile, FetchError, Found, Perms};
+use crate::cache::{CacheFile, FetchError, Found, Perms, Rest};
 use crate::config::{CacheState, Discovery};
 use crate::policy::{Decision, category_of};
 use crate::source::pread_full;
@@ -436,10 +436,11 @@ impl Vfs {
     }
 
     /// Reads through a partial copy: present chunks from the SSD, missing ones from the NAS
-    /// (cached on the way; call it on a NAS pool thread then). `None`: the copy cannot serve
+    /// (cached on the way; call it on a NAS pool thread then). The rest of a chunk this read
+    /// started is fetched behind it, on another NAS pool thread. `None`: the copy cannot serve
     /// the read (the NAS file changed, or the SSD failed): read the NAS instead.
     fn read_fill(
-        &self,
+        self: &Arc<Self>,
         h: &Arc<Handle>,
         cf: &Arc<CacheFile>,
         offset: u64,
@@ -447,7 +448,8 @@ impl Vfs {
     ) -> Result<Option<Vec<u8>>, FsError> {
         let nas = h.nas.as_ref().ok_or(FsError::Offline)?;
         match cf.read(nas, offset, size) {
-            Ok((buf, fetched)) => {
+            Ok(read) => {
+                let (buf, fetched) = (read.buf, read.fetched);
                 self.note_loading(cf, buf.len() as u64);
                 if fetched > 0 {
                     self.stats
@@ -460,18 +462,52 @@ impl Vfs {
                     &self.stats.bytes_from_ssd,
                     (buf.len() as u64).saturating_sub(fetched),
                 );
+                self.fill_rest(h, cf, read.rest);
                 Ok(Some(buf))
             }
-            Err(FetchError::Nas(e)) => Err(FsError::Io(e)),
-            Err(e) => {
-                if matches!(e, FetchError::Changed) {
-                    Stats::add(&self.stats.stale_dropped, 1);
-                    let _ = self.cache.discard(cf.rel());
-                }
-                // Serve what the NAS holds now.
-                Ok(None)
-            }
+            Err(e) => self.fill_failed(cf, e).map(|()| None),
         }
+    }
+
+    /// A read through copy `cf` failed: a NAS error is the reader's; otherwise the copy cannot
+    /// serve (and goes, when the NAS file changed).
+    fn fill_failed(&self, cf: &CacheFile, e: FetchError) -> Result<(), FsError> {
+        match e {
+            FetchError::Nas(e) => Err(FsError::Io(e)),
+            FetchError::Changed => {
+                Stats::add(&self.stats.stale_dropped, 1);
+                let _ = self.cache.discard(cf.rel());
+                Ok(())
+            }
+            FetchError::Disabled => Ok(()),
+        }
+    }
+
+    /// Fetches the rests of the chunks a read started, on a NAS pool thread, after the read
+    /// answered. Nobody waits for it but the readers of those chunks' missing pieces.
+    fn fill_rest(self: &Arc<Self>, h: &Arc<Handle>, cf: &Arc<CacheFile>, rests: Vec<Rest>) {
+        if rests.is_empty() {
+            return;
+        }
+        let (this, hh, cf) = (self.clone(), h.clone(), cf.clone());
+        self.nas_io.detach(move || {
+            let Some(nas) = hh.nas.as_ref() else { return };
+            let cat = category_of(cf.rel());
+            for rest in rests {
+                // Counted before each step is published: whoever sees the bytes sees them counted.
+                let mut count = |n: u64| {
+                    Stats::add(&this.stats.bytes_fetched, n);
+                    this.stats.category(cat, |c| c.bytes_fetched += n);
+                };
+                if let Err(e) = rest.run(nas, &mut count) {
+                    if let Err(e) = this.fill_failed(&cf, e) {
+                        tracing::debug!(path = %cf.rel().display(), error = %e, "fetching the rest of a chunk failed");
+                    }
+                    break;
+                }
+            }
+            this.cache.mark_dirty(&cf);
+        });
     }
 
     /// Before a read of a copy: did the NAS file change since the handle opened (rewritten in
@@ -608,9 +644,11 @@ impl Vfs {
 const FMODE_EXEC: i32 = 0o40;
 
 /// Bytes read from a file past which it counts as loaded for real: min(64 MiB, 10 %) (DESIGN.md
-/// §4). A model header (safetensors JSON ≤ 8 MiB on large files) stays below it.
+/// §4), but at least 4 MiB (or the whole file): the kernel reads ahead of a reader by up to
+/// 1 MiB, so a header read of a small file must not count as loading it. A model header
+/// (safetensors JSON ≤ 8 MiB on large files) stays below it.
 pub fn loading_threshold(size: u64) -> u64 {
-    (64 << 20).min(size / 10).max(1)
+    (64u64 << 20).min(size / 10).max(4 << 20).min(size).max(1)
 }
 
 /// Reads up to `size` bytes at `offset` (short only at the end of the file).
@@ -630,4 +668,19 @@ fn close_checked(f: File) -> std::io::Result<()> {
         return Err(std::io::Error::last_os_error());
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::loading_threshold;
+
+    #[test]
+    fn loading_threshold_bounds() {
+        const MIB: u64 = 1 << 20;
+        assert_eq!(loading_threshold(20_000 * MIB), 64 * MIB);
+        assert_eq!(loading_threshold(100 * MIB), 10 * MIB);
+        assert_eq!(loading_threshold(10 * MIB), 4 * MIB);
+        assert_eq!(loading_threshold(3 * MIB), 3 * MIB);
+        assert_eq!(loading_threshold(0), 1);
+    }
 }

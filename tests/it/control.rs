@@ -149,12 +149,19 @@ fn status_resolve_and_the_cli_summary() {
 
     // Once read, the copy shows as partial, then complete.
     crate::util::pread(&m.path("loras/big.safetensors"), 0, 1);
-    let r = post(
-        &m,
-        "/arena/resolve",
-        json!({"models": ["loras/big.safetensors"]}),
-    )
-    .unwrap();
+    // The read answered from its first MiB; the rest of its chunk follows.
+    let resolve = || {
+        post(
+            &m,
+            "/arena/resolve",
+            json!({"models": ["loras/big.safetensors"]}),
+        )
+        .unwrap()
+    };
+    crate::util::wait_for("the first chunk cached", Duration::from_secs(30), || {
+        resolve()["models"][0]["cached_bytes"] == CHUNK
+    });
+    let r = resolve();
     assert_eq!(r["models"][0]["cached"], "partial", "{r}");
     assert_eq!(r["models"][0]["cached_bytes"], CHUNK);
     fs::read(m.path("loras/big.safetensors")).unwrap();
@@ -530,9 +537,11 @@ fn trim_reload_and_jobs() {
         fs::read(m.path(f)).unwrap();
     }
     m.wait_copies(4);
-    let jobs = client::call(&m.socket, "GET", "/arena/jobs", None).unwrap();
-    assert_eq!(jobs["running"], 0);
-    assert_eq!(jobs["jobs"], json!([]));
+    // The worker's jobs for these loads end once they find nothing left to copy.
+    wait_for("the jobs to end", Duration::from_secs(20), || {
+        let jobs = client::call(&m.socket, "GET", "/arena/jobs", None).unwrap();
+        jobs["running"] == 0 && jobs["jobs"] == json!([])
+    });
 
     // Refusals: nothing said, unknown fields, bad references.
     let (status, code, _) = api_err(post(&m, "/arena/trim", json!({})));

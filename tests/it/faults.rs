@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use crate::util::{CHUNK, Dirs, LoopCache, Mounted, require_mount};
+use crate::util::{CHUNK, Dirs, LoopCache, Mounted, require_mount, wait_for};
 
 /// Random bytes from the kernel: quick in a debug build, unlike a seeded generator (the tests
 /// keep what they wrote, so they need no seed).
@@ -133,6 +133,10 @@ fn reader_through_a_change(change: Change, passthrough: bool) -> Vec<String> {
     for k in [1, 5] {
         drop_pages(&reader, k * CHUNK, CHUNK);
     }
+    // The rests of chunks 0 and 3 are fetched behind the reads.
+    wait_for("chunks 0, 1, 3, 5 cached", Duration::from_secs(30), || {
+        m.stats().bytes_fetched >= 4 * CHUNK
+    });
     let s = m.stats();
     assert_eq!(
         s.bytes_fetched,

@@ -126,9 +126,15 @@ fn a_scanner_schedules_no_copies_but_a_real_load_does() {
     );
     assert_eq!(complete(&m), 0);
 
-    // Scattered reads past min(64 MiB, 10 %) load one file for real: it is completed.
+    // Scattered reads past the threshold (min(64 MiB, 10 %), at least 4 MiB) load one file for
+    // real: it is completed.
     let p = m.path("loras/set3/m3.safetensors");
-    for off in [3 * CHUNK, CHUNK + 5, 4 * CHUNK + 100] {
+    for off in [
+        3 * CHUNK,
+        CHUNK + 5,
+        3 * CHUNK + (2 << 20),
+        CHUNK + (2 << 20),
+    ] {
         pread(&p, off, 1 << 20);
     }
     wait_for("the loaded file's copy", Duration::from_secs(30), || {
@@ -360,7 +366,8 @@ fn the_byte_budget_stops_copies() {
             m.stats().opens_filling > before
         })
         .unwrap();
-    for off in [0, 3 * CHUNK] {
+    // Past the loading threshold (4 MiB for a 20 MiB file).
+    for off in [0, 2 << 20, 3 * CHUNK, 3 * CHUNK + (2 << 20)] {
         pread(&p, off, 1 << 20);
     }
     // The copy that load queued stops when the budget is spent (and says so).
@@ -429,13 +436,18 @@ fn manual_only_discovery_completes_nothing_by_itself() {
     d.nas_file("loras/a.safetensors", 5 * CHUNK as usize, 1);
     let m = d.mount(&["min_size_mb=0", "cache_discovery=manual_only"]);
     let p = m.path("loras/a.safetensors");
-    for off in [0, 2 * CHUNK, 4 * CHUNK] {
-        pread(&p, off, 1 << 20); // well past the loading threshold
+    // 5 MiB in chunks 0, 2 and 4: past the loading threshold (4 MiB for a 20 MiB file).
+    for off in [0, 2 << 20, 2 * CHUNK, 2 * CHUNK + (2 << 20), 4 * CHUNK] {
+        pread(&p, off, 1 << 20);
     }
     // Copies are queued by the reads themselves, before they answer: none is queued now, none
     // will be.
     assert_eq!(m.status()["queue_length"], 0);
     assert!(m.status()["jobs"].as_array().unwrap().is_empty());
+    // The rests of the chunks the reads started are fetched behind them.
+    wait_for("the read chunks cached", Duration::from_secs(30), || {
+        m.stats().bytes_fetched >= 3 * CHUNK
+    });
     let s = m.stats();
     assert_eq!(s.session_bytes_downloaded, 0, "no background copy: {s:?}");
     assert_eq!(s.bytes_fetched, 3 * CHUNK, "reads keep what they fetched");
