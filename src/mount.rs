@@ -60,6 +60,8 @@ pub struct MountEntry {
     pub fstype: String,
     /// Source.
     pub source: String,
+    /// Device number, `major:minor` (names the mount's `/sys/class/bdi` entry).
+    pub dev: String,
 }
 
 /// Parses mountinfo text (see proc(5)); octal escapes (`\040`) are decoded.
@@ -67,7 +69,9 @@ pub fn parse_mountinfo(text: &str) -> Vec<MountEntry> {
     text.lines()
         .filter_map(|line| {
             let (left, right) = line.split_once(" - ")?;
-            let target = left.split(' ').nth(4)?;
+            let mut l = left.split(' ');
+            let dev = l.nth(2)?;
+            let target = l.nth(1)?;
             let mut r = right.split(' ');
             let fstype = r.next()?;
             let source = r.next()?;
@@ -75,6 +79,7 @@ pub fn parse_mountinfo(text: &str) -> Vec<MountEntry> {
                 target: PathBuf::from(std::ffi::OsStr::from_bytes(&unescape(target))),
                 fstype: String::from_utf8_lossy(&unescape(fstype)).into_owned(),
                 source: String::from_utf8_lossy(&unescape(source)).into_owned(),
+                dev: dev.to_owned(),
             })
         })
         .collect()
@@ -271,6 +276,8 @@ mod tests {
         assert_eq!(m[1].target, Path::new("/mnt/with space"));
         assert_eq!(m[1].fstype, FSTYPE);
         assert_eq!(m[1].source, "/nas/models");
+        assert_eq!(m[1].dev, "0:50");
+        assert_eq!(m[0].target, Path::new("/"));
         assert_eq!(m[2].fstype, "fuse");
     }
 

@@ -17,7 +17,7 @@ use fuser::{
 use crate::vfs::{Attr, Entry, FsError, Kind, OpenMode, Opened, SetAttr, SetTime, Vfs, XattrReply};
 
 /// Largest read the kernel sends when asked for big requests (`max_pages` = 256 pages).
-const MAX_READAHEAD: u32 = 1 << 20;
+pub const MAX_READAHEAD: u32 = 1 << 20;
 
 /// The file system the kernel talks to: the core and the entry/attribute timeout.
 pub struct ArenaFs {

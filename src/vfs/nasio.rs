@@ -19,6 +19,9 @@ use std::time::{Duration, Instant};
 
 use parking_lot::{Condvar, Mutex};
 
+/// Threads kept when the pool is idle.
+const WARM_THREADS: usize = 4;
+
 /// Most threads the pool runs at once. Each stuck NAS call holds one; past this many, new NAS
 /// work fails fast instead of piling up.
 pub const MAX_THREADS: usize = 64;
@@ -87,6 +90,23 @@ impl NasIo {
                 state: Mutex::new(State::default()),
                 work: Condvar::new(),
             }),
+        }
+    }
+
+    /// Starts the threads that stay when the pool is idle ([`WARM_THREADS`]), so that the first
+    /// calls after a quiet spell do not wait for a thread to start.
+    pub fn warm(&self) {
+        let want = WARM_THREADS.min(self.shared.max);
+        loop {
+            let mut st = self.shared.state.lock();
+            if st.threads >= want {
+                return;
+            }
+            st.threads += 1;
+            drop(st);
+            if self.spawn(Box::new(|| {})).is_err() {
+                return;
+            }
         }
     }
 
@@ -173,6 +193,12 @@ impl NasIo {
         }
         st.threads += 1;
         drop(st);
+        self.spawn(job)
+    }
+
+    /// Starts a thread (already counted in `threads`) for `job`; gives the job back when the
+    /// thread cannot be started.
+    fn spawn(&self, job: Job) -> Result<(), Job> {
         let shared = self.shared.clone();
         // The job goes to the thread through a slot, so that it can be given back if the
         // thread cannot be started.
@@ -209,7 +235,10 @@ fn worker(shared: Arc<Shared>, first: Job) {
                 job = Some(j);
                 break;
             }
-            if shared.work.wait_for(&mut st, IDLE_EXIT).timed_out() && st.queue.is_empty() {
+            if shared.work.wait_for(&mut st, IDLE_EXIT).timed_out()
+                && st.queue.is_empty()
+                && st.threads > WARM_THREADS
+            {
                 st.idle -= 1;
                 st.threads -= 1;
                 return;
@@ -225,6 +254,21 @@ mod tests {
 
     fn never() -> bool {
         false
+    }
+
+    #[test]
+    fn warm_threads_wait_idle() {
+        let pool = NasIo::new(64);
+        pool.warm();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while pool.threads() != (WARM_THREADS, 0) {
+            assert!(Instant::now() < deadline, "{:?}", pool.threads());
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        // A call is taken by one of them: no thread is started for it.
+        let got = pool.call(Duration::from_secs(10), &never, || 7);
+        assert!(matches!(got, Ok(7)));
+        assert_eq!(pool.threads().0, WARM_THREADS);
     }
 
     #[test]
