@@ -483,14 +483,15 @@ impl Vfs {
         }
     }
 
-    /// Fetches the rests of the chunks a read started, on a NAS pool thread, after the read
-    /// answered. Nobody waits for it but the readers of those chunks' missing pieces.
+    /// Fetches the rests of the chunks a read started, on this NAS pool thread once the read has
+    /// answered (so that the answer does not share the CPU and the NAS with them). Nobody waits
+    /// for them but the readers of those chunks' missing pieces.
     fn fill_rest(self: &Arc<Self>, h: &Arc<Handle>, cf: &Arc<CacheFile>, rests: Vec<Rest>) {
         if rests.is_empty() {
             return;
         }
         let (this, hh, cf) = (self.clone(), h.clone(), cf.clone());
-        self.nas_io.detach(move || {
+        self.nas_io.after(move || {
             let Some(nas) = hh.nas.as_ref() else { return };
             let cat = category_of(cf.rel());
             for rest in rests {

@@ -19,6 +19,11 @@ use std::time::{Duration, Instant};
 
 use parking_lot::{Condvar, Mutex};
 
+thread_local! {
+    /// On pool threads: what [`NasIo::after`] asked to run once the current call has answered.
+    static AFTER: std::cell::RefCell<Option<Vec<Job>>> = const { std::cell::RefCell::new(None) };
+}
+
 /// Threads kept when the pool is idle.
 const WARM_THREADS: usize = 4;
 
@@ -165,6 +170,22 @@ impl NasIo {
         }
     }
 
+    /// Runs `f` on this pool thread once the call it is running has answered (the rest of a
+    /// chunk after the bytes asked for, say); off the pool, as [`Self::detach`] does.
+    pub fn after(&self, f: impl FnOnce() + Send + 'static) {
+        let job: Job = Box::new(f);
+        let queued = AFTER.with(|a| match a.borrow_mut().as_mut() {
+            Some(jobs) => {
+                jobs.push(job);
+                None
+            }
+            None => Some(job),
+        });
+        if let Some(job) = queued {
+            self.detach(job);
+        }
+    }
+
     /// Runs `f` on the pool without waiting for it (a close that may hang on the NAS, say);
     /// when every pool thread is taken, on a thread of its own.
     pub fn detach(&self, f: impl FnOnce() + Send + 'static) {
@@ -223,10 +244,18 @@ impl NasIo {
 /// A pool thread: runs its first job, then whatever is handed to it, until idle for
 /// [`IDLE_EXIT`]. Invariant: `idle` = threads waiting here − jobs in the queue.
 fn worker(shared: Arc<Shared>, first: Job) {
+    AFTER.with(|a| *a.borrow_mut() = Some(Vec::new()));
     let mut job = Some(first);
     loop {
         if let Some(j) = job.take() {
             j();
+            loop {
+                let then = AFTER.with(|a| a.borrow_mut().as_mut().map(std::mem::take));
+                match then {
+                    Some(jobs) if !jobs.is_empty() => jobs.into_iter().for_each(|j| j()),
+                    _ => break,
+                }
+            }
         }
         let mut st = shared.state.lock();
         st.idle += 1;
@@ -254,6 +283,32 @@ mod tests {
 
     fn never() -> bool {
         false
+    }
+
+    #[test]
+    fn after_runs_once_the_call_has_answered() {
+        let pool = Arc::new(NasIo::new(4));
+        let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let got = pool.call(Duration::from_secs(10), &never, {
+            let p = pool.clone();
+            move || {
+                // Waits for the caller, who can only go on once the call has answered.
+                p.after(move || {
+                    let _ = tx.send(go_rx.recv_timeout(Duration::from_secs(5)).is_ok());
+                });
+                7
+            }
+        });
+        assert!(matches!(got, Ok(7)));
+        go_tx.send(()).unwrap();
+        assert!(rx.recv_timeout(Duration::from_secs(10)).unwrap());
+        // On the same thread: no other was started.
+        assert_eq!(pool.threads().0, 1);
+        // Off the pool, it runs on a pool thread of its own.
+        let (tx, rx) = std::sync::mpsc::channel();
+        pool.after(move || tx.send(()).unwrap());
+        rx.recv_timeout(Duration::from_secs(10)).unwrap();
     }
 
     #[test]
