@@ -454,7 +454,12 @@ impl Vfs {
                 if fetched > 0 {
                     self.stats
                         .category(category_of(cf.rel()), |c| c.bytes_fetched += fetched);
-                    self.cache.mark_dirty(cf);
+                    // With rests pending, they record the copy when they end: a record now
+                    // would hold no new chunk, and its fsyncs would share the disk with the
+                    // answer.
+                    if read.rest.is_empty() {
+                        self.cache.mark_dirty(cf);
+                    }
                 }
                 Stats::add(&self.stats.bytes_fetched, fetched);
                 Stats::add(&self.stats.bytes_from_nas, fetched.min(buf.len() as u64));
