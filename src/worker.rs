@@ -721,7 +721,7 @@ impl Worker {
                     let _ = self.cache.discard(rel);
                     return Err(JobError::Skipped("the NAS file changed"));
                 }
-                Err(FetchError::Disabled) => {
+                Err(FetchError::Disabled | FetchError::NotCached) => {
                     return Err(JobError::Skipped("the cache copy was given up"));
                 }
                 Err(FetchError::Nas(e)) => return Err(JobError::Retry(e)),

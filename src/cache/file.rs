@@ -43,6 +43,9 @@ pub enum FetchError {
     /// This copy is no longer filled (changed, or the SSD failed); read the NAS directly.
     #[error("cache copy disabled")]
     Disabled,
+    /// A read that may not touch the NAS needs bytes that are not on the SSD.
+    #[error("not on the SSD")]
+    NotCached,
 }
 
 /// Where the bytes of a chunk came from.
@@ -344,12 +347,13 @@ impl CacheFile {
     /// Waits until `[s, e)` of chunk `idx` is readable from the SSD (`Ok(false)`) or nobody is
     /// fetching the chunk, which the caller then holds (`Ok(true)`). Before waiting, the rests
     /// in `held` are run here, so that no two readers wait for each other's rests.
+    /// Without `nas`, neither fetches nor waits: what is not readable is [`FetchError::NotCached`].
     fn claim(
         &self,
         idx: u64,
         s: u64,
         e: u64,
-        nas: &File,
+        nas: Option<&File>,
         held: &mut Vec<Rest>,
         fetched: &mut u64,
     ) -> Result<bool, FetchError> {
@@ -361,6 +365,9 @@ impl CacheFile {
             if st.readable(idx, s, e) {
                 return Ok(false);
             }
+            let Some(nas) = nas else {
+                return Err(FetchError::NotCached);
+            };
             if let std::collections::hash_map::Entry::Vacant(v) = st.inflight.entry(idx) {
                 v.insert(0);
                 return Ok(true);
@@ -381,7 +388,7 @@ impl CacheFile {
     /// already fetching it (then waits for that fetch).
     pub fn ensure_chunk(&self, idx: u64, nas: &File) -> Result<Chunk, FetchError> {
         let (start, end) = self.map().chunk_range(idx);
-        if !self.claim(idx, start, end, nas, &mut Vec::new(), &mut 0)? {
+        if !self.claim(idx, start, end, Some(nas), &mut Vec::new(), &mut 0)? {
             return Ok(Chunk::Present);
         }
         let result = self.fetch(start, end, nas);
@@ -436,6 +443,21 @@ impl CacheFile {
     /// pieces asked for on; what is left of it comes back as a [`Rest`] for the caller to run
     /// after answering.
     pub fn read(self: &Arc<Self>, nas: &File, offset: u64, size: u32) -> Result<Read, FetchError> {
+        self.read_from(Some(nas), offset, size)
+    }
+
+    /// Reads `[offset, offset + size)` from the SSD only, never touching the NAS nor waiting for
+    /// a fetch ([`FetchError::NotCached`] when any of it is not there).
+    pub fn read_cached(self: &Arc<Self>, offset: u64, size: u32) -> Result<Vec<u8>, FetchError> {
+        self.read_from(None, offset, size).map(|r| r.buf)
+    }
+
+    fn read_from(
+        self: &Arc<Self>,
+        nas: Option<&File>,
+        offset: u64,
+        size: u32,
+    ) -> Result<Read, FetchError> {
         let len = self.identity.size;
         let end = offset.saturating_add(u64::from(size)).min(len);
         let mut out = Read::default();
@@ -450,6 +472,7 @@ impl CacheFile {
             let s = offset.max(cs);
             let e = end.min(ce);
             if self.claim(idx, s, e, nas, &mut out.rest, &mut out.fetched)? {
+                let nas = nas.expect("only a read with the NAS claims");
                 let fetched = self.fetch_first(idx, s, e, nas, &mut out.rest)?;
                 out.fetched += fetched.len() as u64;
                 let from = fetched.start;
@@ -688,6 +711,24 @@ mod tests {
             cf.read_all(&nas, 4096, 4096).unwrap(),
             (data[4096..8192].to_vec(), 0)
         );
+    }
+
+    #[test]
+    fn a_cached_read_never_fetches_nor_waits() {
+        let data = content(8192);
+        let (_d, _s, cf, nas) = setup(&data, 4096);
+        assert!(matches!(cf.read_cached(0, 10), Err(FetchError::NotCached)));
+        let read = cf.read(&nas, 0, 10).unwrap();
+        // The first 1024 bytes are written; the rest of the chunk is held, not fetched yet.
+        assert_eq!(cf.read_cached(0, 1024).unwrap(), &data[..1024]);
+        assert!(matches!(
+            cf.read_cached(1000, 100),
+            Err(FetchError::NotCached)
+        ));
+        // The holder gives up: what was served before is missing again, and still not waited for.
+        drop(read);
+        assert!(matches!(cf.read_cached(0, 10), Err(FetchError::NotCached)));
+        assert_eq!(cf.nas_bytes(), 1024);
     }
 
     #[test]

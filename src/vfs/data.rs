@@ -389,12 +389,22 @@ impl Vfs {
                 Err(e) => Err(FsError::Io(e)),
             },
             HandleKind::Fill(cf) => {
-                // Chunks already on the SSD are read on this thread.
+                // Bytes already on the SSD are read on this thread, which never waits for the
+                // NAS: bytes that went missing since `has_range` (a rest that failed) are read
+                // through the pool below.
                 if !fetches {
-                    return match self.read_fill(h, cf, offset, size)? {
-                        Some(buf) => Ok(buf),
-                        None => self.read_nas(h, offset, size),
-                    };
+                    match cf.read_cached(offset, size) {
+                        Ok(buf) => {
+                            self.note_loading(cf, buf.len() as u64);
+                            Stats::add(&self.stats.bytes_from_ssd, buf.len() as u64);
+                            return Ok(buf);
+                        }
+                        Err(FetchError::NotCached) => {}
+                        Err(e) => {
+                            self.fill_failed(cf, e)?;
+                            return self.read_nas(h, offset, size);
+                        }
+                    }
                 }
                 let _fg = self.worker.foreground().enter();
                 let (this, hh, cf) = (self.clone(), h.clone(), cf.clone());
@@ -484,7 +494,7 @@ impl Vfs {
                 let _ = self.cache.discard(cf.rel());
                 Ok(())
             }
-            FetchError::Disabled => Ok(()),
+            FetchError::Disabled | FetchError::NotCached => Ok(()),
         }
     }
 
