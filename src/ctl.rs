@@ -220,16 +220,23 @@ pub fn format_status(st: &Value) -> String {
             "no (complete copies are served in user space)"
         }
     );
-    let ap = &st["autopatch_status"];
-    let _ = writeln!(
-        o,
-        "required set {}: {} models, {} complete, {} copying, {} not found",
-        s(&ap["state"]),
-        u(&ap["required_models"]),
-        u(&ap["complete"]),
-        u(&ap["copying"]),
-        ap["not_found"].as_array().map_or(0, Vec::len)
-    );
+    let set_line = |o: &mut String, label: &str, ap: &Value| {
+        let _ = writeln!(
+            o,
+            "{label} {}: {} models, {} complete, {} copying, {} not found",
+            s(&ap["state"]),
+            u(&ap["required_models"]),
+            u(&ap["complete"]),
+            u(&ap["copying"]),
+            ap["not_found"].as_array().map_or(0, Vec::len)
+        );
+    };
+    set_line(&mut o, "required set", &st["autopatch_status"]);
+    if let Some(clients) = st["clients"].as_object() {
+        for (id, ap) in clients {
+            set_line(&mut o, &format!("  client {id}"), ap);
+        }
+    }
     let stats = &st["stats"];
     let hits = u(&stats["opens_passthrough"]) + u(&stats["opens_ssd"]);
     let _ = writeln!(

@@ -173,6 +173,8 @@ struct State {
     cancelled: HashSet<PathBuf>,
     required: HashSet<PathBuf>,
     last_bulk: Option<Instant>,
+    /// The same, per client id.
+    last_bulk_by: HashMap<String, Instant>,
     stopping: bool,
 }
 
@@ -369,13 +371,29 @@ impl Worker {
     /// in [`Worker::plan`] only): checks the cooldown and the budget, then queues.
     pub fn commit(
         &self,
-        mut planned: Vec<Planned>,
+        planned: Vec<Planned>,
         reason: Reason,
         bulk: bool,
     ) -> Result<Vec<Planned>, RequestError> {
+        self.commit_as(planned, reason, bulk, None)
+    }
+
+    /// [`Worker::commit`] for `client`: each client id has a cooldown of its own; requests
+    /// without one share the original's.
+    pub fn commit_as(
+        &self,
+        mut planned: Vec<Planned>,
+        reason: Reason,
+        bulk: bool,
+        client: Option<&str>,
+    ) -> Result<Vec<Planned>, RequestError> {
         let settings = self.live.settings();
         let mut st = self.state.lock();
-        if bulk && let Some(last) = st.last_bulk {
+        let last = match client {
+            None => st.last_bulk,
+            Some(c) => st.last_bulk_by.get(c).copied(),
+        };
+        if bulk && let Some(last) = last {
             let elapsed = last.elapsed();
             if elapsed < settings.cooldown {
                 return Err(RequestError::CooldownActive {
@@ -396,7 +414,16 @@ impl Worker {
             }
         }
         if bulk {
-            st.last_bulk = Some(Instant::now());
+            match client {
+                None => st.last_bulk = Some(Instant::now()),
+                Some(c) => {
+                    // Forgets clients whose cooldown is long over (ids are bounded by the API).
+                    st.last_bulk_by.retain(|_, t| {
+                        t.elapsed() < settings.cooldown.max(Duration::from_secs(3600))
+                    });
+                    st.last_bulk_by.insert(c.to_owned(), Instant::now());
+                }
+            }
         }
         drop(st);
         for p in &mut planned {

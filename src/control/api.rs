@@ -4,7 +4,7 @@
 //! NAS call never stalls the other endpoints (a status request still answers while a resolve
 //! waits on a hung NFS server).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -227,6 +227,100 @@ impl Autopatch {
     fn paths(&self) -> Vec<PathBuf> {
         paths_of(&self.models)
     }
+
+    fn active(&self) -> bool {
+        self.started_at.is_some() && self.stopped_at.is_none()
+    }
+}
+
+/// Most clients with a required set of their own; stopped sets make room for new clients.
+const MAX_CLIENTS: usize = 256;
+
+/// The required sets: the one of requests without a client id (the original's single set) and
+/// one per client id. The worker's required set is the union of those started and not stopped.
+#[derive(Debug, Default)]
+pub struct RequiredSets {
+    legacy: Autopatch,
+    clients: BTreeMap<String, Autopatch>,
+}
+
+impl RequiredSets {
+    fn get(&self, client: Option<&str>) -> Option<&Autopatch> {
+        match client {
+            None => Some(&self.legacy),
+            Some(c) => self.clients.get(c),
+        }
+    }
+
+    /// The set of `client`, made if new (refused past [`MAX_CLIENTS`] active clients).
+    fn slot(&mut self, client: Option<&str>) -> Result<&mut Autopatch, ApiError> {
+        let Some(c) = client else {
+            return Ok(&mut self.legacy);
+        };
+        if !self.clients.contains_key(c) && self.clients.len() >= MAX_CLIENTS {
+            let stopped = self
+                .clients
+                .iter()
+                .find(|(_, a)| !a.active())
+                .map(|(k, _)| k.clone());
+            match stopped {
+                Some(k) => {
+                    self.clients.remove(&k);
+                }
+                None => {
+                    return Err(ApiError::new(
+                        StatusCode::TOO_MANY_REQUESTS,
+                        "TOO_MANY_CLIENTS",
+                        format!(
+                            "{MAX_CLIENTS} clients have a required set running; stop one first"
+                        ),
+                    ));
+                }
+            }
+        }
+        Ok(self.clients.entry(c.to_owned()).or_default())
+    }
+
+    /// Files of the sets started and not stopped, other than `client`'s.
+    fn others(&self, client: Option<&str>) -> HashSet<PathBuf> {
+        let legacy = (client.is_some() && self.legacy.active()).then_some(&self.legacy);
+        self.clients
+            .iter()
+            .filter(|(k, a)| Some(k.as_str()) != client && a.active())
+            .map(|(_, a)| a)
+            .chain(legacy)
+            .flat_map(Autopatch::paths)
+            .collect()
+    }
+
+    /// Files of every set started and not stopped.
+    fn union(&self) -> Vec<PathBuf> {
+        let mut seen = HashSet::new();
+        std::iter::once(&self.legacy)
+            .chain(self.clients.values())
+            .filter(|a| a.active())
+            .flat_map(Autopatch::paths)
+            .filter(|p| seen.insert(p.clone()))
+            .collect()
+    }
+}
+
+/// Checks a client id: 1 to 64 characters of letters, digits and `._:-`.
+fn check_client(id: Option<&str>) -> Result<Option<&str>, ApiError> {
+    match id {
+        None => Ok(None),
+        Some(c)
+            if !c.is_empty()
+                && c.len() <= 64
+                && c.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"._:-".contains(&b)) =>
+        {
+            Ok(Some(c))
+        }
+        Some(c) => Err(ApiError::bad_request(format!(
+            "client_id {c:?}: use 1 to 64 letters, digits, '.', '_', ':' or '-'"
+        ))),
+    }
 }
 
 /// The `autopatch_status` block of the status.
@@ -259,8 +353,7 @@ pub struct AutopatchStatus {
     pub settings_initialized: bool,
 }
 
-fn autopatch_status(s: &Shared) -> AutopatchStatus {
-    let ap = s.autopatch.lock();
+fn autopatch_status(s: &Shared, ap: &Autopatch) -> AutopatchStatus {
     let paths = ap.paths();
     let copying = s.worker.busy_count(&paths);
     let complete = paths
@@ -325,8 +418,10 @@ pub struct Status {
     pub session_bytes_downloaded: u64,
     /// `ARENA_CACHE_SESSION_BYTE_BUDGET` (0 = none).
     pub session_byte_budget: u64,
-    /// The required set and its progress.
+    /// The required set (of requests without a client id) and its progress.
     pub autopatch_status: AutopatchStatus,
+    /// The required set of each client id, and its progress.
+    pub clients: BTreeMap<String, AutopatchStatus>,
     /// Mount point.
     pub mountpoint: PathBuf,
     /// NAS directory.
@@ -363,13 +458,21 @@ pub struct Status {
 pub(super) async fn status(State(s): State<Shared>) -> Result<Json<Status>, ApiError> {
     let health = s.health.report();
     let sh = s.clone();
-    let (usage, entries, complete, used, autopatch) = blocking(move || {
+    let (usage, entries, complete, used, (autopatch, clients)) = blocking(move || {
         (
             sh.cache.usage(),
             sh.cache.store().len(),
             sh.cache.store().complete_count(),
             sh.cache.store().used_bytes(),
-            autopatch_status(&sh),
+            {
+                let sets = sh.autopatch.lock();
+                let clients = sets
+                    .clients
+                    .iter()
+                    .map(|(k, a)| (k.clone(), autopatch_status(&sh, a)))
+                    .collect::<BTreeMap<_, _>>();
+                (autopatch_status(&sh, &sets.legacy), clients)
+            },
         )
     })
     .await?;
@@ -387,6 +490,7 @@ pub(super) async fn status(State(s): State<Shared>) -> Result<Json<Status>, ApiE
         session_bytes_downloaded: stats.session_bytes_downloaded,
         session_byte_budget: settings.session_byte_budget,
         autopatch_status: autopatch,
+        clients,
         mountpoint: s.mountpoint.clone(),
         nas_dir: s.nas_dir.clone(),
         cache_dir: s.cache_dir.clone(),
@@ -651,30 +755,33 @@ pub struct AutopatchBody {
     /// The models the workflow needs (`start`).
     #[serde(default)]
     pub required_models: RefList,
+    /// Whose set this is (one ComfyUI instance of several on a mount). Without it, the one set
+    /// of the original.
+    #[serde(default)]
+    pub client_id: Option<String>,
 }
 
 pub(super) async fn autopatch(
     State(s): State<Shared>,
     Body(body): Body<AutopatchBody>,
 ) -> Result<Json<Value>, ApiError> {
+    let client = check_client(body.client_id.as_deref())?.map(str::to_owned);
     match body.action.as_str() {
-        "start" => autopatch_start(s, body.required_models).await,
+        "start" => autopatch_start(s, body.required_models, client).await,
         "stop" => {
             let sh = s.clone();
-            let cancelled = blocking(move || {
-                let mut ap = sh.autopatch.lock();
-                let n = sh.worker.cancel(&ap.paths());
-                sh.worker.set_required(&[]);
-                if ap.started_at.is_some() && ap.stopped_at.is_none() {
-                    ap.stopped_at = Some(crate::cache::live::now_secs());
-                }
-                n
-            })
-            .await?;
-            tracing::info!(cancelled, "required set stopped");
-            Ok(Json(
-                json!({"status": SUCCESS, "action": "stop", "cancelled": cancelled}),
-            ))
+            let who = client.clone();
+            let cancelled = blocking(move || stop_required(&sh, who.as_deref())).await?;
+            tracing::info!(
+                cancelled,
+                client = client.as_deref(),
+                "required set stopped"
+            );
+            let mut answer = json!({"status": SUCCESS, "action": "stop", "cancelled": cancelled});
+            if let Some(c) = client {
+                answer["client_id"] = json!(c);
+            }
+            Ok(Json(answer))
         }
         other => Err(ApiError::bad_request(format!(
             "unknown action {other:?}: use \"start\" or \"stop\""
@@ -682,22 +789,55 @@ pub(super) async fn autopatch(
     }
 }
 
-async fn autopatch_start(s: Shared, refs: RefList) -> Result<Json<Value>, ApiError> {
+/// Stops the required set of `client`: its copies are cancelled, but for files another started
+/// set also needs, which keep copying. Returns how many copies were cancelled.
+fn stop_required(s: &Shared, client: Option<&str>) -> usize {
+    let mut sets = s.autopatch.lock();
+    let others = sets.others(client);
+    let Some(ap) = sets.get(client) else {
+        return 0;
+    };
+    let mine: Vec<PathBuf> = ap
+        .paths()
+        .into_iter()
+        .filter(|p| !others.contains(p))
+        .collect();
+    let n = s.worker.cancel(&mine);
+    if let Ok(ap) = sets.slot(client)
+        && ap.active()
+    {
+        ap.stopped_at = Some(crate::cache::live::now_secs());
+    }
+    s.worker.set_required(&sets.union());
+    n
+}
+
+async fn autopatch_start(
+    s: Shared,
+    refs: RefList,
+    client: Option<String>,
+) -> Result<Json<Value>, ApiError> {
     let sh = s.clone();
-    on_nas(&s, move || autopatch_start_now(&sh, &refs))
-        .await
-        .map(Json)
+    on_nas(&s, move || {
+        autopatch_start_now(&sh, &refs, client.as_deref())
+    })
+    .await
+    .map(Json)
 }
 
 /// The whole of `autopatch start` (blocking).
-fn autopatch_start_now(s: &Shared, refs: &RefList) -> Result<Value, ApiError> {
+fn autopatch_start_now(
+    s: &Shared,
+    refs: &RefList,
+    client: Option<&str>,
+) -> Result<Value, ApiError> {
     let refs = validate_list(refs)?;
     let named = find_all(s, refs);
-    let planned = start_required(s, named.clone())?;
+    let planned = start_required(s, named.clone(), client)?;
     let models = plan_answers(&named, &planned);
     let queued = models.iter().filter(|m| m.reason == "queued").count();
     let not_found = models.iter().filter(|m| m.status == "not_found").count();
-    Ok(json!({
+    let mut answer = json!({
         "status": SUCCESS,
         "action": "start",
         "required_models_count": models.len(),
@@ -705,14 +845,22 @@ fn autopatch_start_now(s: &Shared, refs: &RefList) -> Result<Value, ApiError> {
         "not_found": not_found,
         "bytes_to_fetch": planned.iter().map(Planned::to_fetch).sum::<u64>(),
         "models": models,
-    }))
+    });
+    if let Some(c) = client {
+        answer["client_id"] = json!(c);
+    }
+    Ok(answer)
 }
 
-/// Makes `named` the required set and queues its copies (blocking). Refused, with nothing
-/// changed, when it is empty (`EMPTY_REQUIRED_SET`), while the previous set still copies
-/// (`ALREADY_RUNNING`), within the cooldown (`COOLDOWN_ACTIVE`) or over the budget
-/// (`BUDGET_EXCEEDED`).
-fn start_required(s: &Shared, named: Vec<Named>) -> Result<Vec<Planned>, ApiError> {
+/// Makes `named` the required set of `client` and queues its copies (blocking). Refused, with
+/// nothing changed, when it is empty (`EMPTY_REQUIRED_SET`), while the client's previous set
+/// still copies (`ALREADY_RUNNING`), within the client's cooldown (`COOLDOWN_ACTIVE`) or over the
+/// budget (`BUDGET_EXCEEDED`). Without a client id this is the original's one set.
+fn start_required(
+    s: &Shared,
+    named: Vec<Named>,
+    client: Option<&str>,
+) -> Result<Vec<Planned>, ApiError> {
     if named.is_empty() {
         return Err(ApiError::new(
             StatusCode::BAD_REQUEST,
@@ -720,36 +868,43 @@ fn start_required(s: &Shared, named: Vec<Named>) -> Result<Vec<Planned>, ApiErro
             "no models in the required set: nothing to start",
         ));
     }
-    // The NAS is looked at before the set is locked: a hung NAS must not hold the lock that
+    // The NAS is looked at before the sets are locked: a hung NAS must not hold the lock that
     // `status` needs.
     let paths = paths_of(&named);
     let planned = s.worker.plan(&paths);
-    let mut ap = s.autopatch.lock();
-    let previous = ap.paths();
-    if ap.stopped_at.is_none() && s.worker.busy_with(&previous) {
-        return Err(ApiError::new(
-            StatusCode::CONFLICT,
-            "ALREADY_RUNNING",
-            "the previous required set is still copying; stop it first",
-        )
-        .with("copying", previous.len()));
+    let mut sets = s.autopatch.lock();
+    if let Some(ap) = sets.get(client) {
+        let previous = ap.paths();
+        if ap.stopped_at.is_none() && s.worker.busy_with(&previous) {
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                "ALREADY_RUNNING",
+                "the previous required set is still copying; stop it first",
+            )
+            .with("copying", previous.len()));
+        }
     }
-    let planned = s.worker.commit(planned, Reason::Required, true)?;
-    s.worker.set_required(&paths);
+    // The slot is taken before the copies are queued: a refusal there queues nothing.
+    sets.slot(client)?;
+    let planned = s
+        .worker
+        .commit_as(planned, Reason::Required, true, client)?;
     tracing::info!(
         models = named.len(),
         found = paths.len(),
+        client,
         queued = planned
             .iter()
             .filter(|p| p.outcome == Outcome::Queued)
             .count(),
         "required set started"
     );
-    *ap = Autopatch {
+    *sets.slot(client)? = Autopatch {
         models: named,
         started_at: Some(crate::cache::live::now_secs()),
         stopped_at: None,
     };
+    s.worker.set_required(&sets.union());
     Ok(planned)
 }
 
@@ -761,6 +916,8 @@ fn start_required(s: &Shared, named: Vec<Named>) -> Result<Vec<Planned>, ApiErro
 pub struct WorkflowQuery {
     /// `resolve` (default) or `prefetch`.
     pub action: Option<String>,
+    /// Whose required set a prefetch makes (see `/arena/autopatch`).
+    pub client_id: Option<String>,
 }
 
 /// Fills in what the cache holds and what a prefetch would copy (blocking).
@@ -820,7 +977,8 @@ pub(super) async fn workflow(
     query: Result<Query<WorkflowQuery>, axum::extract::rejection::QueryRejection>,
     WorkflowBody(body): WorkflowBody,
 ) -> Result<Json<Value>, ApiError> {
-    let Query(q) = query.map_err(|e| ApiError::bad_request(e.body_text()))?;
+    let Query(mut q) = query.map_err(|e| ApiError::bad_request(e.body_text()))?;
+    let client = check_client(q.client_id.take().as_deref())?.map(str::to_owned);
     let bad =
         |e: WorkflowError| ApiError::new(StatusCode::BAD_REQUEST, "BAD_WORKFLOW", e.to_string());
     // Parsing up to 64 MiB and resolving take a while: on the blocking pool, so that `status`
@@ -886,7 +1044,7 @@ pub(super) async fn workflow(
                     })
                 })
                 .collect();
-            planned = Some(start_required(sh, named)?);
+            planned = Some(start_required(sh, named, client.as_deref())?);
         }
         cache_facts(sh, &mut report);
         let mut answer =
@@ -1055,6 +1213,58 @@ pub(super) async fn method_not_allowed(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn set(files: &[&str], active: bool) -> Autopatch {
+        Autopatch {
+            models: files
+                .iter()
+                .map(|f| Named {
+                    category: "loras".into(),
+                    filename: (*f).into(),
+                    path: Some(PathBuf::from(format!("loras/{f}"))),
+                })
+                .collect(),
+            started_at: Some(1),
+            stopped_at: (!active).then_some(2),
+        }
+    }
+
+    #[test]
+    fn required_sets_union_and_others() {
+        let mut sets = RequiredSets::default();
+        *sets.slot(None).unwrap() = set(&["a", "b"], true);
+        *sets.slot(Some("x")).unwrap() = set(&["b", "c"], true);
+        *sets.slot(Some("y")).unwrap() = set(&["d"], false);
+        let p = |f: &str| PathBuf::from(format!("loras/{f}"));
+        assert_eq!(
+            sets.union(),
+            [p("a"), p("b"), p("c")],
+            "stopped sets are not required"
+        );
+        assert_eq!(
+            sets.others(Some("x")),
+            [p("a"), p("b")].into_iter().collect()
+        );
+        assert_eq!(sets.others(None), [p("b"), p("c")].into_iter().collect());
+        assert!(sets.get(Some("z")).is_none());
+        assert!(check_client(Some("gpu-0:a_b.c")).is_ok());
+        for bad in ["", "../x", "a b", &"x".repeat(65)] {
+            assert!(check_client(Some(bad)).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn a_stopped_client_makes_room_for_a_new_one() {
+        let mut sets = RequiredSets::default();
+        for i in 0..MAX_CLIENTS {
+            *sets.slot(Some(&format!("c{i}"))).unwrap() = set(&["a"], true);
+        }
+        assert!(sets.slot(Some("new")).is_err());
+        sets.slot(Some("c7")).unwrap().stopped_at = Some(3);
+        assert!(sets.slot(Some("new")).is_ok());
+        assert!(sets.get(Some("c7")).is_none());
+        assert_eq!(sets.clients.len(), MAX_CLIENTS);
+    }
 
     fn list(n: usize, dup: usize) -> RefList {
         let refs: Vec<String> = (0..n)

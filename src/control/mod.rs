@@ -64,7 +64,7 @@ pub struct Shared {
     /// Re-reads the env file on `POST /arena/reload`.
     pub reloader: Arc<Mutex<Reloader>>,
     /// The required set of `POST /arena/autopatch`.
-    pub autopatch: Arc<Mutex<api::Autopatch>>,
+    pub autopatch: Arc<Mutex<api::RequiredSets>>,
     /// Whether the NAS is there.
     pub health: Arc<crate::health::Health>,
     /// The pool that runs NAS calls within the deadline (shared with the file system).

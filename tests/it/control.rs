@@ -519,6 +519,127 @@ fn autopatch_start_stop_and_refusals() {
     s.nas.throttle(0);
 }
 
+/// Several ComfyUI instances on one mount: each client id has a required set of its own; the
+/// worker copies their union; one client's stop cancels only what no other set needs.
+#[test]
+fn required_sets_per_client() {
+    require_mount!();
+    let s = LoopDirs::new(128);
+    fs::create_dir(s.nas.dir.join("loras")).unwrap();
+    for i in 0..3 {
+        fs::write(
+            s.nas.dir.join(format!("loras/f{i}.safetensors")),
+            random_bytes(6 * CHUNK as usize, i),
+        )
+        .unwrap();
+    }
+    s.nas.remount();
+    s.nas.throttle(4_000_000);
+    let m = s.mount(&["min_size_mb=0", "cache_cooldown_ms=60000"]);
+    let start = |client: &str, files: &[&str]| {
+        let models: Vec<Value> = files
+            .iter()
+            .map(|f| json!({"category": "loras", "filename": format!("{f}.safetensors")}))
+            .collect();
+        post(
+            &m,
+            "/arena/autopatch",
+            json!({"action": "start", "client_id": client, "required_models": models}),
+        )
+    };
+    let jobs = || -> Vec<String> {
+        let mut v: Vec<String> = m.status()["jobs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|j| j["path"].as_str().unwrap().to_owned())
+            .collect();
+        v.sort();
+        v
+    };
+
+    let (status, _, _) = api_err(start("../a", &["f0"]));
+    assert_eq!(status, 400, "a client id is a name, not a path");
+
+    let r = start("gpu0", &["f0", "f1"]).unwrap();
+    assert_eq!(
+        (r["queued"].as_u64(), r["client_id"].as_str()),
+        (Some(2), Some("gpu0")),
+        "{r}"
+    );
+    // Another client, within the first one's cooldown and while its copies run: accepted.
+    let r = start("gpu1", &["f1", "f2"]).unwrap();
+    assert_eq!(r["queued"], 1, "f1 is already queued: {r}");
+    // The same client again: its own set still copies, and its own cooldown runs.
+    let (status, code, _) = api_err(start("gpu0", &["f2"]));
+    assert_eq!((status, code.as_str()), (409, "ALREADY_RUNNING"));
+
+    let st = m.status();
+    assert_eq!(st["required_models_count"], 3, "the union: {st}");
+    assert_eq!(st["clients"]["gpu0"]["required_models"], 2);
+    assert_eq!(st["clients"]["gpu1"]["state"], "running");
+    assert_eq!(
+        st["autopatch_status"]["state"], "idle",
+        "no set without a client id"
+    );
+    assert_eq!(
+        jobs(),
+        [
+            "loras/f0.safetensors",
+            "loras/f1.safetensors",
+            "loras/f2.safetensors"
+        ]
+    );
+
+    // gpu0 stops: f0 is cancelled, f1 keeps copying for gpu1.
+    let r = post(
+        &m,
+        "/arena/autopatch",
+        json!({"action": "stop", "client_id": "gpu0"}),
+    )
+    .unwrap();
+    assert_eq!(r["cancelled"], 1, "{r}");
+    wait_for("f0 to stop", Duration::from_secs(20), || {
+        !jobs().contains(&"loras/f0.safetensors".to_owned())
+    });
+    assert_eq!(jobs(), ["loras/f1.safetensors", "loras/f2.safetensors"]);
+    let st = m.status();
+    assert_eq!(st["required_models_count"], 2, "{st}");
+    assert_eq!(st["clients"]["gpu0"]["state"], "stopped");
+    let (code, out, _) = cli(&["status", "--socket", sock(&m)]);
+    assert_eq!(code, 0);
+    assert!(out.contains("client gpu0 stopped: 2 models"), "{out}");
+    assert!(out.contains("client gpu1 running: 2 models"), "{out}");
+    let (status, code, _) = api_err(start("gpu0", &["f0"]));
+    assert_eq!(
+        (status, code.as_str()),
+        (429, "COOLDOWN_ACTIVE"),
+        "gpu0's own cooldown"
+    );
+
+    // A request without a client id is the original's one set, beside the clients' sets.
+    let r = post(
+        &m,
+        "/arena/autopatch",
+        json!({"action": "start", "required_models": ["loras/f0.safetensors"]}),
+    )
+    .unwrap();
+    assert_eq!(r["queued"], 1, "{r}");
+    assert!(r.get("client_id").is_none());
+    assert_eq!(m.status()["autopatch_status"]["state"], "running");
+    for body in [
+        json!({"action": "stop"}),
+        json!({"action": "stop", "client_id": "gpu1"}),
+    ] {
+        post(&m, "/arena/autopatch", body).unwrap();
+    }
+    wait_for("every copy to stop", Duration::from_secs(20), || {
+        jobs().is_empty()
+    });
+    assert_eq!(m.status()["required_models_count"], 0);
+    s.nas.throttle(0);
+}
+
 #[test]
 fn trim_reload_and_jobs() {
     require_mount!();
