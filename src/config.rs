@@ -97,6 +97,17 @@ keys! {
         "Free space (GB, 10^9 bytes) always left on the cache file system; copies stop and old copies are evicted to keep it.";
 }
 
+/// Checks `value` for the key named `name` (any of its names) as an env file line is read: the
+/// key's env name and the warnings that do not refuse the value (an unknown category, say), or
+/// why the value is refused.
+pub fn check_value(name: &str, value: &str) -> Result<(&'static str, Vec<String>), String> {
+    let def = find_key(name).ok_or_else(|| format!("unknown key {name}"))?;
+    let mut b = Builder::default();
+    b.apply(def, value.trim(), &Source::Option)
+        .map_err(|m| format!("{}: {m}", def.env))?;
+    Ok((def.env, b.warnings.into_iter().map(|w| w.message).collect()))
+}
+
 /// Looks a key up by its env name or any of its `-o` names.
 pub fn find_key(name: &str) -> Option<&'static KeyDef> {
     KEYS.iter()

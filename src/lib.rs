@@ -27,6 +27,7 @@ pub mod control;
 pub mod ctl;
 pub mod daemon;
 pub mod discover;
+pub mod envfile;
 pub mod fs;
 pub mod health;
 pub mod models;

@@ -31,6 +31,8 @@ pub struct Reloader {
     cache: Arc<Cache>,
     worker: Arc<Worker>,
     nas: Arc<Nas>,
+    /// Where each key's value came from at the last reload.
+    sources: std::collections::BTreeMap<&'static str, config::Source>,
 }
 
 /// Why a reload did not happen.
@@ -71,7 +73,22 @@ impl Reloader {
             cache,
             worker,
             nas,
+            sources: Default::default(),
         }
+    }
+
+    /// Where `env`'s value came from at the last reload (the env file, the daemon's environment
+    /// or a `-o` option, which win over the file, or the default).
+    pub fn source_of(&self, env: &str) -> config::Source {
+        self.sources
+            .get(env)
+            .cloned()
+            .unwrap_or(config::Source::Default)
+    }
+
+    /// The env file in use, if any.
+    pub fn env_file(&self) -> Option<&Path> {
+        self.path.as_deref()
     }
 
     /// Reloads if the env file changed since the last look. Returns whether it reloaded.
@@ -102,6 +119,7 @@ impl Reloader {
         for w in &loaded.warnings {
             tracing::warn!("config: {w}");
         }
+        self.sources = loaded.sources;
         let old = self.live.settings();
         let new = loaded.settings;
         let changed: Vec<String> = config::KEYS

@@ -5,7 +5,7 @@
 //! waits on a hung NFS server).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
@@ -1186,6 +1186,124 @@ pub(super) async fn reload(State(s): State<Shared>) -> Result<Json<Value>, ApiEr
             format!("{e}; the settings in force stay"),
         )),
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// GET, POST /arena/settings
+
+/// Keys that apply when mounting only: not changed through the API.
+const MOUNT_ONLY: &[&str] = &["ARENA_NAS_ROOT", "ARENA_CACHE_ROOT", "ARENA_CACHE_IDENTITY"];
+
+pub(super) async fn settings_get(State(s): State<Shared>) -> Result<Json<Value>, ApiError> {
+    let live = s.live.settings();
+    let env = s.reloader.lock().env_file().map(Path::to_path_buf);
+    let values: BTreeMap<&str, String> = crate::config::KEYS
+        .iter()
+        .map(|k| (k.env, crate::config::display_value(&live, k.env)))
+        .collect();
+    let writable = env.as_deref().is_some_and(crate::envfile::writable);
+    Ok(Json(json!({
+        "status": SUCCESS,
+        "env_file": env,
+        "writable": writable,
+        "settings": values,
+    })))
+}
+
+/// Body of `POST /arena/settings`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SettingsBody {
+    /// Key (env or `-o` name) to value (string, number or boolean).
+    pub settings: serde_json::Map<String, Value>,
+}
+
+/// Changes settings: checked as the env file's lines are (all or none), written to the env file
+/// (the lines of these keys rewritten, the rest kept), then applied as a reload applies them.
+pub(super) async fn settings_set(
+    State(s): State<Shared>,
+    Body(body): Body<SettingsBody>,
+) -> Result<Json<Value>, ApiError> {
+    if body.settings.is_empty() {
+        return Err(ApiError::bad_request("no settings given"));
+    }
+    let mut changes: Vec<(&'static str, String)> = Vec::new();
+    let mut warnings = Vec::new();
+    for (k, v) in &body.settings {
+        let value = match v {
+            Value::String(s) => s.clone(),
+            Value::Bool(b) => if *b { "1" } else { "0" }.to_owned(),
+            Value::Number(n) => n.to_string(),
+            _ => {
+                return Err(ApiError::bad_request(format!(
+                    "{k}: give a string, a number or a boolean"
+                )));
+            }
+        };
+        if value.contains(['\n', '\r', '\0']) {
+            return Err(ApiError::bad_request(format!("{k}: one line, please")));
+        }
+        let (env, w) = crate::config::check_value(k, &value).map_err(|m| {
+            ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "CONFIG_ERROR",
+                format!("{m}; nothing was changed"),
+            )
+        })?;
+        if MOUNT_ONLY.contains(&env) {
+            return Err(ApiError::bad_request(format!(
+                "{env} applies when mounting: change it in the env file and mount again"
+            )));
+        }
+        warnings.extend(w.into_iter().map(|m| format!("{env}: {m}")));
+        changes.retain(|(e, _)| *e != env);
+        changes.push((env, value));
+    }
+    let sh = s.clone();
+    blocking(move || {
+        let mut reloader = sh.reloader.lock();
+        let path = reloader
+            .env_file()
+            .map(Path::to_path_buf)
+            .ok_or_else(|| ApiError::new(StatusCode::CONFLICT, "NO_ENV", ReloadError::NoEnv.to_string()))?;
+        let unwritable = |e: std::io::Error| {
+            ApiError::new(
+                StatusCode::CONFLICT,
+                "ENV_NOT_WRITABLE",
+                format!("cannot write {}: {e}; nothing was changed", path.display()),
+            )
+        };
+        let text = std::fs::read_to_string(&path).map_err(unwritable)?;
+        crate::envfile::replace(&path, &crate::envfile::edit(&text, &changes))
+            .map_err(unwritable)?;
+        let changed = reloader.reload().map_err(|e| {
+            ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "CONFIG_ERROR",
+                format!("{e}; the settings in force stay"),
+            )
+        })?;
+        // The daemon's environment and -o options win over the file.
+        let overridden: Vec<String> = changes
+            .iter()
+            .filter_map(|(env, _)| match reloader.source_of(env) {
+                crate::config::Source::Environment => {
+                    Some(format!("{env} (set by the daemon's environment)"))
+                }
+                crate::config::Source::Option => Some(format!("{env} (set by a -o option)")),
+                _ => None,
+            })
+            .collect();
+        tracing::info!(env_file = %path.display(), changes = ?changes, "settings changed through the control API");
+        Ok(Json(json!({
+            "status": SUCCESS,
+            "env_file": path,
+            "changed": changed,
+            "overridden": overridden,
+            "warnings": warnings,
+        })))
+    })
+    .await?
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -81,6 +81,10 @@ pub fn router(shared: Shared) -> Router {
         .route("/arena/jobs", get(api::jobs))
         .route("/metrics", get(metrics::metrics))
         .route("/arena/autopatch", post(api::autopatch))
+        .route(
+            "/arena/settings",
+            get(api::settings_get).post(api::settings_set),
+        )
         .route("/arena/resolve", post(api::resolve))
         .route("/arena/prefetch", post(api::prefetch))
         .route("/arena/trim", post(api::trim))

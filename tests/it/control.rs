@@ -750,6 +750,119 @@ fn reload_reports_what_changed() {
     assert_eq!(m.status()["max_concurrency"], 5);
 }
 
+/// The settings panel's endpoint: a change is checked, written to the env file (its comments and
+/// other lines kept) and applied; a bad value changes nothing; without an env file, `NO_ENV`.
+#[test]
+fn settings_change_through_the_api() {
+    require_mount!();
+    let d = Dirs::new();
+    let env = d.tmp.path().join("arena.env");
+    let original = "# the studio's settings\n\
+                    ARENA_CACHE_DISCOVERY=workflow_only\n\
+                    SOMETHING_OF_OURS=keep me\n\
+                    \n\
+                    # ARENA_CACHE_MAX_CONCURRENCY=9\n";
+    fs::write(&env, original).unwrap();
+    fs::set_permissions(&env, fs::Permissions::from_mode(0o640)).unwrap();
+    let m = d.mount(&[&format!("env={}", env.display()), "cache_verbose=0"]);
+    let settings = |body: Value| post(&m, "/arena/settings", body);
+
+    let got = client::call(&m.socket, "GET", "/arena/settings", None).unwrap();
+    assert_eq!(got["env_file"], env.to_str().unwrap());
+    assert_eq!(got["writable"], true);
+    assert_eq!(got["settings"]["ARENA_CACHE_DISCOVERY"], "workflow_only");
+
+    let r = settings(json!({"settings": {
+        "ARENA_CACHE_DISCOVERY": "manual_only",
+        "max_concurrency": 4,
+        "ARENA_CACHE_PREFETCH_STRATEGY": "prefetch_allowlist",
+        "ARENA_CACHE_VERBOSE": true,
+    }}))
+    .unwrap();
+    assert_eq!(r["status"], "success");
+    assert_eq!(
+        r["overridden"],
+        json!(["ARENA_CACHE_VERBOSE (set by a -o option)"]),
+        "{r}"
+    );
+    let st = m.status();
+    assert_eq!(st["discovery_mode"], "manual_only");
+    assert_eq!(st["max_concurrency"], 4);
+    assert_eq!(st["prefetch_strategy"], "prefetch_allowlist");
+    assert_eq!(
+        fs::read_to_string(&env).unwrap(),
+        "# the studio's settings\n\
+         ARENA_CACHE_DISCOVERY=manual_only\n\
+         SOMETHING_OF_OURS=keep me\n\
+         \n\
+         # ARENA_CACHE_MAX_CONCURRENCY=9\n\
+         ARENA_CACHE_PREFETCH_STRATEGY=prefetch_allowlist\n\
+         ARENA_CACHE_VERBOSE=1\n\
+         ARENA_CACHE_MAX_CONCURRENCY=4\n"
+    );
+    assert_eq!(fs::metadata(&env).unwrap().mode() & 0o777, 0o640);
+    let (code, out, _) = cli(&["status", "--socket", sock(&m)]);
+    assert_eq!(code, 0);
+    assert!(out.contains("discovery manual_only"), "{out}");
+
+    // Refusals change nothing.
+    let before = fs::read_to_string(&env).unwrap();
+    for (body, status, code) in [
+        (
+            json!({"settings": {"ARENA_CACHE_DISCOVERY": "sometimes"}}),
+            422,
+            "CONFIG_ERROR",
+        ),
+        (
+            json!({"settings": {"ARENA_NO_SUCH_KEY": "1"}}),
+            422,
+            "CONFIG_ERROR",
+        ),
+        (
+            json!({"settings": {"ARENA_CACHE_ROOT": "/elsewhere"}}),
+            400,
+            "BAD_REQUEST",
+        ),
+        (
+            json!({"settings": {"ARENA_CACHE_EXCLUDE": "a\nARENA_CACHE_MAX_GB=1"}}),
+            400,
+            "BAD_REQUEST",
+        ),
+        (
+            json!({"settings": {"ARENA_CACHE_MAX_GB": [1]}}),
+            400,
+            "BAD_REQUEST",
+        ),
+        (json!({"settings": {}}), 400, "BAD_REQUEST"),
+        (json!({"discovery": "manual_only"}), 400, "BAD_JSON"),
+    ] {
+        let (s, c, _) = api_err(settings(body.clone()));
+        assert_eq!((s, c.as_str()), (status, code), "{body}");
+    }
+    assert_eq!(fs::read_to_string(&env).unwrap(), before);
+    assert_eq!(m.status()["discovery_mode"], "manual_only");
+    let leftovers: Vec<_> = fs::read_dir(d.tmp.path())
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().contains(".tmp"))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+
+    // Without an env file there is nothing to write.
+    let d2 = Dirs::new();
+    let m2 = d2.mount(&[]);
+    let got = client::call(&m2.socket, "GET", "/arena/settings", None).unwrap();
+    assert_eq!(got["env_file"], Value::Null);
+    assert_eq!(got["writable"], false);
+    let (s, c, body) = api_err(post(
+        &m2,
+        "/arena/settings",
+        json!({"settings": {"ARENA_CACHE_DISCOVERY": "manual_only"}}),
+    ));
+    assert_eq!((s, c.as_str()), (409, "NO_ENV"), "{body}");
+    assert_eq!(m2.status()["discovery_mode"], "workflow_only");
+}
+
 #[test]
 fn metrics_are_valid_prometheus_text() {
     require_mount!();
