@@ -4,6 +4,7 @@
 mod adopt;
 mod cli;
 mod client;
+mod comfyui;
 mod conformance;
 mod control;
 mod crash;

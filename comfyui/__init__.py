@@ -1,0 +1,75 @@
+"""arenafs for ComfyUI: feeds the arenafs cache from queued prompts, and brings back Arena
+AutoCache's nodes. Thin, over the daemon's control API; no cache logic of its own.
+
+Install: copy or symlink this folder to ComfyUI/custom_nodes/arenafs. The daemon is found from
+ARENAFS_SOCKET, else from the arenafs mount that serves ComfyUI's models/ directory.
+"""
+
+import logging
+import os
+import socket as _socket
+
+from .arenafs_client import Client, DaemonError, find_socket
+from .arenafs_feed import Feeder
+from .arenafs_nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS, set_client
+
+log = logging.getLogger("arenafs")
+
+__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]
+
+feeder = None
+socket_path = None
+socket_source = None
+
+
+def _client_id(port):
+    host = "".join(c for c in _socket.gethostname() if c.isalnum() or c in ".-") or "host"
+    return f"comfyui:{host[:40]}:{port}"
+
+
+def _setup():
+    global feeder, socket_path, socket_source
+    import folder_paths
+    from server import PromptServer
+
+    socket_path, socket_source = find_socket(folder_paths.models_dir)
+    client = Client(socket_path)
+    set_client(client)
+    try:
+        from comfy.cli_args import args
+
+        port = args.port
+    except Exception:
+        port = os.getpid()
+    feeder = Feeder(client, _client_id(port))
+    server = PromptServer.instance
+    server.add_on_prompt_handler(feeder.on_prompt)
+    try:
+        client.get("/arena/status")
+        log.info("arenafs: using the daemon at %s (from %s), client id %s", socket_path, socket_source, feeder.client_id)
+    except DaemonError as e:
+        log.warning("arenafs: the daemon is not reachable at %s (from %s): %s; ComfyUI works as before",
+                    socket_path, socket_source, e.message)
+
+    from aiohttp import web
+
+    @server.routes.get("/arenafs/status")
+    async def arenafs_status(request):
+        import asyncio
+
+        info = {"socket": socket_path, "socket_source": socket_source, "client_id": feeder.client_id,
+                "events": feeder.recent()}
+        try:
+            info["daemon"] = await asyncio.get_running_loop().run_in_executor(None, client.get, "/arena/status")
+            info["reachable"] = True
+        except DaemonError as e:
+            info["reachable"] = False
+            info["error"] = {"code": e.code, "message": e.message}
+        return web.json_response(info)
+
+
+try:
+    _setup()
+except ImportError:
+    # Imported outside ComfyUI (tests of the helpers): nothing to register.
+    pass

@@ -1,0 +1,184 @@
+"""Drives a real ComfyUI server with the arenafs package installed (tests/it/comfyui.rs).
+
+  comfyui_e2e.py make-model PATH        writes a tiny SRVGGNetCompact (ESRGAN-family) upscaler
+  comfyui_e2e.py check URL SOCKET BASE  queues prompts over ComfyUI's HTTP API and checks what
+                                        the daemon saw; prints OK or fails with a reason
+"""
+
+import json
+import os
+import socket
+import sys
+import time
+import urllib.request
+
+
+def make_model(path):
+    import torch
+    from safetensors.torch import save_file
+    from spandrel.architectures.Compact import Compact as SRVGGNetCompact
+
+    torch.manual_seed(7)
+    model = SRVGGNetCompact(num_in_ch=3, num_out_ch=3, num_feat=8, num_conv=2, upscale=2)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, path)
+
+
+def http(url, body=None, timeout=30):
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=timeout) as r:
+        raw = r.read()
+    return json.loads(raw) if raw else None
+
+
+def daemon(sock_path, method, target):
+    s = socket.socket(socket.AF_UNIX)
+    s.settimeout(10)
+    s.connect(sock_path)
+    s.sendall(f"{method} {target} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: 0\r\n\r\n".encode())
+    data = b""
+    while chunk := s.recv(65536):
+        data += chunk
+    s.close()
+    return json.loads(data.split(b"\r\n\r\n", 1)[1])
+
+
+def wait(what, cond, timeout=120):
+    end = time.time() + timeout
+    while True:
+        v = cond()
+        if v:
+            return v
+        if time.time() > end:
+            raise SystemExit(f"timed out waiting for {what}")
+        time.sleep(0.1)
+
+
+def run_prompt(url, prompt):
+    r = http(f"{url}/prompt", {"prompt": prompt, "client_id": "arenafs-test"})
+    if r.get("node_errors"):
+        raise SystemExit(f"prompt refused: {r}")
+    pid = r["prompt_id"]
+
+    def done():
+        h = http(f"{url}/history/{pid}")
+        return h.get(pid) if h else None
+
+    entry = wait(f"prompt {pid}", done, 300)
+    status = entry.get("status", {})
+    if status.get("status_str") != "success":
+        raise SystemExit(f"prompt failed: {json.dumps(status)[:2000]}")
+    return entry["outputs"]
+
+
+def check(url, sock_path, base):
+    from PIL import Image
+
+    def up():
+        try:
+            return http(f"{url}/system_stats", timeout=2)
+        except OSError:
+            return None
+
+    wait("ComfyUI to answer", up, 180)
+    info = http(f"{url}/object_info/ArenaAutoCacheStats")
+    assert info["ArenaAutoCacheStats"]["display_name"] == "Arena AutoCache: Stats", info
+    assert "ArenaAutoCacheTrim" in http(f"{url}/object_info/ArenaAutoCacheTrim")
+    assert "ArenaAutoCache" in http(f"{url}/object_info/ArenaAutoCache")
+    ext = http(f"{url}/arenafs/status")
+    assert ext["reachable"] is True, ext
+    assert ext["socket"] == sock_path and ext["socket_source"] == "ARENAFS_SOCKET", ext
+    cid = ext["client_id"]
+
+    for name, color in [("arena1.png", (200, 10, 10)), ("arena2.png", (10, 200, 10))]:
+        Image.new("RGB", (16, 16), color).save(os.path.join(base, "input", name))
+
+    def upscale(image, prefix):
+        return {
+            "1": {"class_type": "LoadImage", "inputs": {"image": image}},
+            "2": {"class_type": "UpscaleModelLoader", "inputs": {"model_name": "tiny.safetensors"}},
+            "3": {"class_type": "ImageUpscaleWithModel", "inputs": {"upscale_model": ["2", 0], "image": ["1", 0]}},
+            "4": {"class_type": "SaveImage", "inputs": {"images": ["3", 0], "filename_prefix": prefix}},
+        }
+
+    before = daemon(sock_path, "GET", "/arena/stats")
+    out = run_prompt(url, upscale("arena1.png", "arena1"))
+    img = out["4"]["images"][0]
+    with Image.open(os.path.join(base, "output", img.get("subfolder", ""), img["filename"])) as im:
+        assert im.size == (32, 32), im.size
+
+    # The daemon got the prompt's model as this instance's required set, and copied it.
+    def copied():
+        st = daemon(sock_path, "GET", "/arena/status")
+        c = st.get("clients", {}).get(cid)
+        return st if c and c["complete"] == 1 else None
+
+    st = wait("the model's copy", copied, 60)
+    c = st["clients"][cid]
+    assert c["required_models"] == 1 and c["not_found"] == [], c
+    events = http(f"{url}/arenafs/status")["events"]
+    sent = [e for e in events if e["kind"] == "sent"]
+    assert sent and sent[0]["models"] == ["upscale_models/tiny.safetensors"], events
+    after_first = daemon(sock_path, "GET", "/arena/stats")
+    assert after_first["bytes_fetched"] > before["bytes_fetched"], after_first
+
+    # A second run, the model unloaded first: read from the SSD copy, nothing fetched.
+    http(f"{url}/free", {"unload_models": True, "free_memory": True})
+    run_prompt(url, upscale("arena2.png", "arena2"))
+    after = daemon(sock_path, "GET", "/arena/stats")
+    hits = lambda s: s["opens_passthrough"] + s["opens_ssd"]
+    assert hits(after) > hits(after_first), (after_first, after)
+    assert after["bytes_fetched"] == after_first["bytes_fetched"], (after_first, after)
+
+    # The Stats and Trim nodes answer from the daemon.
+    out = run_prompt(url, {"1": {"class_type": "ArenaAutoCacheStats", "inputs": {}}})
+    text = out["1"]["text"][0]
+    assert "opens_passthrough:" in text and "bytes_fetched:" in text, text
+    out = run_prompt(url, {"1": {"class_type": "ArenaAutoCacheTrim",
+                                 "inputs": {"criterion": "category", "value": "upscale_models", "dry_run": True}}})
+    text = out["1"]["text"][0]
+    assert text.startswith("would remove 1 copies") and "upscale_models/tiny.safetensors" in text, text
+    assert daemon(sock_path, "GET", "/arena/status")["cache_complete_entries"] == 1
+    print("OK")
+
+
+def check_no_daemon(url, base):
+    """No daemon behind the socket: ComfyUI still queues and runs prompts; the package says the
+    daemon is not reachable."""
+    from PIL import Image
+
+    def up():
+        try:
+            return http(f"{url}/system_stats", timeout=2)
+        except OSError:
+            return None
+
+    wait("ComfyUI to answer", up, 180)
+    Image.new("RGB", (16, 16), (1, 2, 3)).save(os.path.join(base, "input", "plain.png"))
+    out = run_prompt(url, {
+        "1": {"class_type": "LoadImage", "inputs": {"image": "plain.png"}},
+        "2": {"class_type": "UpscaleModelLoader", "inputs": {"model_name": "tiny.safetensors"}},
+        "3": {"class_type": "ImageUpscaleWithModel", "inputs": {"upscale_model": ["2", 0], "image": ["1", 0]}},
+        "4": {"class_type": "SaveImage", "inputs": {"images": ["3", 0], "filename_prefix": "plain"}},
+    })
+    assert out["4"]["images"], out
+    ext = http(f"{url}/arenafs/status")
+    assert ext["reachable"] is False and ext["error"]["code"] == "UNREACHABLE", ext
+    errors = wait("the feeder's report", lambda: [e for e in http(f"{url}/arenafs/status")["events"]
+                                                   if e["kind"] == "error"], 30)
+    assert errors[0]["code"] == "UNREACHABLE", errors
+    out = run_prompt(url, {"1": {"class_type": "ArenaAutoCacheStats", "inputs": {}}})
+    assert out["1"]["text"][0].startswith("arenafs: UNREACHABLE"), out
+    print("OK")
+
+
+if __name__ == "__main__":
+    if sys.argv[1] == "make-model":
+        make_model(sys.argv[2])
+    elif sys.argv[1] == "check":
+        check(*sys.argv[2:5])
+    elif sys.argv[1] == "check-no-daemon":
+        check_no_daemon(*sys.argv[2:4])
+    else:
+        raise SystemExit(__doc__)
