@@ -12,6 +12,7 @@ import socket as _socket
 from .arenafs_client import Client, DaemonError, find_socket
 from .arenafs_feed import Feeder
 from .arenafs_nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS, set_client
+from .arenafs_progress import Progress
 
 log = logging.getLogger("arenafs")
 
@@ -44,6 +45,9 @@ def _setup():
     feeder = Feeder(client, _client_id(port))
     server = PromptServer.instance
     server.add_on_prompt_handler(feeder.on_prompt)
+    # send_sync is safe from other threads (it hands the message to the server's loop).
+    progress = Progress(client, lambda event, data: server.send_sync(event, data))
+    feeder.listeners.append(progress.on_feed_event)
     try:
         client.get("/arena/status")
         log.info("arenafs: using the daemon at %s (from %s), client id %s", socket_path, socket_source, feeder.client_id)

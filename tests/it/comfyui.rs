@@ -10,7 +10,7 @@ use std::os::unix::fs::symlink;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 
-use crate::util::{Dirs, require_mount};
+use crate::util::{Dirs, LoopDirs, random_bytes, require_mount};
 
 const VENV_PYTHON: &str = "/var/tmp/arenafs-comfy-venv/bin/python";
 const COMFYUI: &str = "/var/tmp/arenafs-comfyui/ComfyUI";
@@ -178,5 +178,45 @@ fn without_the_daemon_comfyui_works_as_before() {
             .contains("arenafs: the daemon is not reachable"),
         "{}",
         server.log()
+    );
+}
+
+/// While a queued prompt's model copies (from a NAS throttled to 4 MB/s), its progress reaches
+/// ComfyUI's websocket as `arenafs.progress` events, and a last one with no jobs when it is done.
+#[test]
+fn copy_progress_reaches_the_websocket() {
+    require_mount!();
+    let Some((py, src)) = comfyui() else {
+        return;
+    };
+    let s = LoopDirs::new(64);
+    fs::create_dir(s.nas.dir.join("upscale_models")).unwrap();
+    fs::write(
+        s.nas.dir.join("upscale_models/big.safetensors"),
+        random_bytes(24 << 20, 5),
+    )
+    .unwrap();
+    s.nas.remount();
+    s.nas.throttle(4_000_000);
+    let m = s.mount(&["min_size_mb=0"]);
+    let base = s.tmp.path().join("comfy");
+    for sub in ["custom_nodes", "input", "output"] {
+        fs::create_dir_all(base.join(sub)).unwrap();
+    }
+    symlink(&m.mnt, base.join("models")).unwrap();
+    symlink(PACKAGE, base.join("custom_nodes/arenafs")).unwrap();
+    let port = free_port();
+    let server = start(py, src, &base, port, &m.socket);
+    let url = format!("http://127.0.0.1:{port}");
+    let out = run(py, &["check-progress", &url, base.to_str().unwrap()]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    s.nas.throttle(0);
+    assert!(
+        out.status.success() && stdout.contains("OK"),
+        "comfyui_e2e.py check-progress: {}\nstdout:\n{stdout}\nstderr:\n{}\nComfyUI log:\n{}\ndaemon log:\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr),
+        server.log(),
+        m.log()
     );
 }

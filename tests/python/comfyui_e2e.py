@@ -173,11 +173,70 @@ def check_no_daemon(url, base):
     print("OK")
 
 
+def check_progress(url, base):
+    """Copy progress reaches ComfyUI's websocket while a queued prompt's model copies."""
+    import asyncio
+
+    import aiohttp
+    from PIL import Image
+
+    def up():
+        try:
+            return http(f"{url}/system_stats", timeout=2)
+        except OSError:
+            return None
+
+    wait("ComfyUI to answer", up, 180)
+    Image.new("RGB", (16, 16), (9, 9, 9)).save(os.path.join(base, "input", "p.png"))
+    prompt = {
+        "1": {"class_type": "LoadImage", "inputs": {"image": "p.png"}},
+        "2": {"class_type": "UpscaleModelLoader", "inputs": {"model_name": "big.safetensors"}},
+        "3": {"class_type": "ImageUpscaleWithModel", "inputs": {"upscale_model": ["2", 0], "image": ["1", 0]}},
+        "4": {"class_type": "SaveImage", "inputs": {"images": ["3", 0], "filename_prefix": "p"}},
+    }
+
+    async def watch():
+        seen = []
+        async with aiohttp.ClientSession() as session:
+            async with session.ws_connect(f"{url.replace('http', 'ws')}/ws?clientId=arenafs-ws") as ws:
+                # The prompt is queued once the socket listens (its model is not a real one: the
+                # prompt fails at the loader, after the feeder has sent it).
+                await asyncio.get_running_loop().run_in_executor(
+                    None, lambda: http(f"{url}/prompt", {"prompt": prompt, "client_id": "arenafs-ws"}))
+                running = False
+                async for msg in ws:
+                    if msg.type != aiohttp.WSMsgType.TEXT:
+                        continue
+                    m = json.loads(msg.data)
+                    if not m.get("type", "").startswith("arenafs."):
+                        continue
+                    seen.append(m)
+                    d = m["data"]
+                    if m["type"] == "arenafs.progress":
+                        jobs = [j for j in d["jobs"] if j["path"] == "upscale_models/big.safetensors"]
+                        if jobs and jobs[0]["done_bytes"] < jobs[0]["total_bytes"]:
+                            running = True
+                        if running and d["jobs"] == [] and d["reachable"]:
+                            return seen
+        raise SystemExit(f"websocket closed: {seen}")
+
+    seen = asyncio.run(asyncio.wait_for(watch(), 120))
+    kinds = [m["data"].get("kind") for m in seen if m["type"] == "arenafs.event"]
+    assert "sent" in kinds, seen
+    progress = [m["data"] for m in seen if m["type"] == "arenafs.progress"]
+    job = next(j for p in progress for j in p["jobs"])
+    assert job["total_bytes"] == 24 * (1 << 20) and job["state"] in ("running", "queued"), job
+    assert progress[-1]["cache_state"] == "red", progress[-1]
+    print("OK", len(progress), "progress events")
+
+
 if __name__ == "__main__":
     if sys.argv[1] == "make-model":
         make_model(sys.argv[2])
     elif sys.argv[1] == "check":
         check(*sys.argv[2:5])
+    elif sys.argv[1] == "check-progress":
+        check_progress(*sys.argv[2:4])
     elif sys.argv[1] == "check-no-daemon":
         check_no_daemon(*sys.argv[2:4])
     else:

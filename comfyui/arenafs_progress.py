@@ -1,0 +1,57 @@
+"""Copy progress for ComfyUI's front end, over its websocket (`send_sync`).
+
+While copies run, the daemon's status is polled (every POLL_SECS, and only then) and each poll is
+sent as an `arenafs.progress` event: the running and queued copies with bytes done, rate and ETA,
+the cache state and whether the NAS is offline. When the last copy ends, one event with no jobs
+follows and polling stops until the feeder sends another prompt. The feeder's events (a prompt
+sent, a refusal, the daemon not reachable) go out as `arenafs.event`.
+"""
+
+import threading
+
+from .arenafs_client import DaemonError
+
+POLL_SECS = 0.5
+
+
+def progress_of(status):
+    return {
+        "reachable": True,
+        "cache_state": status.get("cache_state"),
+        "offline": status.get("offline", False),
+        "jobs": [
+            {k: j.get(k) for k in ("path", "state", "total_bytes", "done_bytes", "rate_bytes_per_sec", "eta_secs")}
+            for j in status.get("jobs", [])
+        ],
+    }
+
+
+class Progress:
+    def __init__(self, client, send):
+        self.client = client
+        self.send = send  # send(event_name, data)
+        self.wake = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="arenafs-progress", daemon=True)
+        self.thread.start()
+
+    def on_feed_event(self, ev):
+        self.send("arenafs.event", ev)
+        if ev.get("kind") == "sent":
+            self.wake.set()
+
+    def _run(self):
+        while True:
+            self.wake.wait()
+            self.wake.clear()
+            while True:
+                try:
+                    data = progress_of(self.client.get("/arena/status"))
+                except DaemonError as e:
+                    self.send("arenafs.progress", {"reachable": False, "error": e.code, "jobs": []})
+                    break
+                self.send("arenafs.progress", data)
+                if not data["jobs"]:
+                    break
+                # A new prompt while copies run just keeps the polling going.
+                self.wake.wait(POLL_SECS)
+                self.wake.clear()
