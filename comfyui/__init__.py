@@ -16,7 +16,10 @@ from .arenafs_progress import Progress
 
 log = logging.getLogger("arenafs")
 
-__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]
+__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS", "WEB_DIRECTORY"]
+
+# The front end's part (settings, status badge, dry run), served by ComfyUI.
+WEB_DIRECTORY = "./web"
 
 feeder = None
 socket_path = None
@@ -56,6 +59,38 @@ def _setup():
                     socket_path, socket_source, e.message)
 
     from aiohttp import web
+
+    import asyncio
+
+    async def ask(method, target, body=None):
+        """The daemon's answer, or its error as a JSON body (the panel shows it)."""
+        try:
+            answer = await asyncio.get_running_loop().run_in_executor(
+                None, lambda: client.call(method, target, body))
+            return web.json_response(answer)
+        except DaemonError as e:
+            return web.json_response({"status": "error", "code": e.code, "message": e.message},
+                                     status=e.status or 503)
+
+    @server.routes.get("/arenafs/settings")
+    async def arenafs_settings_get(request):
+        return await ask("GET", "/arena/settings")
+
+    @server.routes.post("/arenafs/settings")
+    async def arenafs_settings_post(request):
+        try:
+            body = await request.json()
+        except ValueError:
+            return web.json_response({"status": "error", "code": "BAD_JSON", "message": "not JSON"}, status=400)
+        return await ask("POST", "/arena/settings", body)
+
+    @server.routes.post("/arenafs/dryrun")
+    async def arenafs_dryrun(request):
+        try:
+            body = await request.json()
+        except ValueError:
+            return web.json_response({"status": "error", "code": "BAD_JSON", "message": "not JSON"}, status=400)
+        return await ask("POST", "/arena/workflow?action=resolve", {"prompt": body.get("prompt") or {}})
 
     @server.routes.get("/arenafs/status")
     async def arenafs_status(request):

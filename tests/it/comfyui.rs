@@ -220,3 +220,111 @@ fn copy_progress_reaches_the_websocket() {
         m.log()
     );
 }
+
+const NODE_MODULES: &str = "/var/tmp/arenafs-node/node_modules";
+const PANEL: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/browser/panel.mjs");
+
+/// Debian's chromium and playwright-core (scripts/install-deps installs both).
+fn browser() -> bool {
+    let ok = Path::new("/usr/bin/chromium").exists()
+        && Path::new(NODE_MODULES).join("playwright-core").exists();
+    if !ok {
+        let why = "chromium or playwright-core is missing (scripts/install-deps installs them)";
+        assert!(std::env::var("CI").as_deref() != Ok("true"), "{why}");
+        eprintln!("skipping: {why}");
+    }
+    ok
+}
+
+/// The panel as a person uses it, in headless chromium: the Arena settings show the daemon's
+/// values and a change reaches the daemon (and its env file); Dry-run lists the open workflow's
+/// model; Run shows the copy in progress on the badge. Screenshots go to target/ui-screenshots.
+#[test]
+fn the_panel_in_a_real_browser() {
+    require_mount!();
+    let Some((py, src)) = comfyui() else {
+        return;
+    };
+    if !browser() {
+        return;
+    }
+    let s = LoopDirs::new(96);
+    let model = s.nas.dir.join("upscale_models/big.safetensors");
+    // About 19 MB: a few seconds of copying from a NAS at 4 MB/s.
+    let out = run(py, &["make-model", model.to_str().unwrap(), "128", "32"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    s.nas.remount();
+    let env = s.tmp.path().join("arena.env");
+    fs::write(
+        &env,
+        "# studio settings\nARENA_CACHE_DISCOVERY=workflow_only\n",
+    )
+    .unwrap();
+    let m = s.mount(&["min_size_mb=0", &format!("env={}", env.display())]);
+    s.nas.throttle(4_000_000);
+    let base = s.tmp.path().join("comfy");
+    for sub in ["custom_nodes", "input", "output"] {
+        fs::create_dir_all(base.join(sub)).unwrap();
+    }
+    symlink(&m.mnt, base.join("models")).unwrap();
+    symlink(PACKAGE, base.join("custom_nodes/arenafs")).unwrap();
+    let img = run(
+        py,
+        &["make-image", base.join("input/p.png").to_str().unwrap()],
+    );
+    assert!(
+        img.status.success(),
+        "{}",
+        String::from_utf8_lossy(&img.stderr)
+    );
+    let port = free_port();
+    let server = start(py, src, &base, port, &m.socket);
+    let url = format!("http://127.0.0.1:{port}");
+    let shots = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/ui-screenshots");
+    fs::create_dir_all(&shots).unwrap();
+    // Wait for ComfyUI with the python helper, then drive the page.
+    let up = run(py, &["wait-up", &url]);
+    assert!(
+        up.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&up.stderr),
+        server.log()
+    );
+    let out = Command::new("node")
+        .arg(PANEL)
+        .arg(&url)
+        .arg(&shots)
+        .output()
+        .unwrap();
+    s.nas.throttle(0);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.contains("OK"),
+        "panel.mjs: {}\nstdout:\n{stdout}\nstderr:\n{}\nComfyUI log:\n{}\ndaemon log:\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr),
+        server.log(),
+        m.log()
+    );
+    // The change went through the daemon into its env file.
+    let text = fs::read_to_string(&env).unwrap();
+    assert!(text.starts_with("# studio settings\n"), "{text}");
+    assert!(
+        text.contains("ARENA_CACHE_DISCOVERY=workflow_only"),
+        "{text}"
+    );
+    for shot in [
+        "arena-settings.png",
+        "arena-dryrun.png",
+        "arena-progress.png",
+    ] {
+        assert!(
+            shots.join(shot).metadata().unwrap().len() > 10_000,
+            "{shot}"
+        );
+    }
+}

@@ -1,6 +1,8 @@
 """Drives a real ComfyUI server with the arenafs package installed (tests/it/comfyui.rs).
 
-  comfyui_e2e.py make-model PATH        writes a tiny SRVGGNetCompact (ESRGAN-family) upscaler
+  comfyui_e2e.py make-model PATH [FEAT CONV]
+                                        writes a SRVGGNetCompact (ESRGAN-family) upscaler, tiny by
+                                        default
   comfyui_e2e.py check URL SOCKET BASE  queues prompts over ComfyUI's HTTP API and checks what
                                         the daemon saw; prints OK or fails with a reason
 """
@@ -13,15 +15,22 @@ import time
 import urllib.request
 
 
-def make_model(path):
+def make_model(path, feat=8, conv=2):
     import torch
     from safetensors.torch import save_file
     from spandrel.architectures.Compact import Compact as SRVGGNetCompact
 
     torch.manual_seed(7)
-    model = SRVGGNetCompact(num_in_ch=3, num_out_ch=3, num_feat=8, num_conv=2, upscale=2)
+    model = SRVGGNetCompact(num_in_ch=3, num_out_ch=3, num_feat=int(feat), num_conv=int(conv), upscale=2)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, path)
+
+
+def _up(url):
+    try:
+        return http(f"{url}/system_stats", timeout=2)
+    except OSError:
+        return None
 
 
 def http(url, body=None, timeout=30):
@@ -232,9 +241,15 @@ def check_progress(url, base):
 
 if __name__ == "__main__":
     if sys.argv[1] == "make-model":
-        make_model(sys.argv[2])
+        make_model(*sys.argv[2:5])
     elif sys.argv[1] == "check":
         check(*sys.argv[2:5])
+    elif sys.argv[1] == "make-image":
+        from PIL import Image
+
+        Image.new("RGB", (16, 16), (9, 9, 9)).save(sys.argv[2])
+    elif sys.argv[1] == "wait-up":
+        wait("ComfyUI to answer", lambda: _up(sys.argv[2]), 180)
     elif sys.argv[1] == "check-progress":
         check_progress(*sys.argv[2:4])
     elif sys.argv[1] == "check-no-daemon":
