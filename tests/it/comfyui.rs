@@ -328,3 +328,61 @@ fn the_panel_in_a_real_browser() {
         );
     }
 }
+
+/// Two ComfyUI servers on one mount (two GPUs' worth) queue different workflows: each has a
+/// required set of its own, both models are copied, neither gets `ALREADY_RUNNING`.
+#[test]
+fn two_instances_share_one_mount() {
+    require_mount!();
+    let Some((py, src)) = comfyui() else {
+        return;
+    };
+    let d = Dirs::new();
+    for name in ["a", "b"] {
+        let model = d.nas.join(format!("upscale_models/{name}.safetensors"));
+        let out = run(py, &["make-model", model.to_str().unwrap()]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    // A long cooldown: the two sets are bulk requests within it.
+    let m = d.mount(&["min_size_mb=0", "cache_cooldown_ms=600000"]);
+    let mut servers = Vec::new();
+    let mut urls = Vec::new();
+    let mut bases = Vec::new();
+    for i in 0..2 {
+        let base = d.tmp.path().join(format!("comfy{i}"));
+        for sub in ["custom_nodes", "input", "output"] {
+            fs::create_dir_all(base.join(sub)).unwrap();
+        }
+        symlink(&m.mnt, base.join("models")).unwrap();
+        symlink(PACKAGE, base.join("custom_nodes/arenafs")).unwrap();
+        let port = free_port();
+        servers.push(start(py, src, &base, port, &m.socket));
+        urls.push(format!("http://127.0.0.1:{port}"));
+        bases.push(base);
+    }
+    let out = run(
+        py,
+        &[
+            "check-two",
+            &urls[0],
+            &urls[1],
+            m.socket.to_str().unwrap(),
+            bases[0].to_str().unwrap(),
+            bases[1].to_str().unwrap(),
+        ],
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.contains("OK"),
+        "comfyui_e2e.py check-two: {}\nstdout:\n{stdout}\nstderr:\n{}\nComfyUI logs:\n{}\n{}\ndaemon log:\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr),
+        servers[0].log(),
+        servers[1].log(),
+        m.log()
+    );
+}

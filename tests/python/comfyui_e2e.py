@@ -182,6 +182,69 @@ def check_no_daemon(url, base):
     print("OK")
 
 
+def check_two(url1, url2, sock_path, base1, base2):
+    """Two ComfyUI instances on one mount queue different workflows: each gets its own required
+    set, both models are copied, neither is refused."""
+    from PIL import Image
+
+    for url in (url1, url2):
+        wait("ComfyUI to answer", lambda: _up(url), 180)
+    ids = []
+    for url, base, model in [(url1, base1, "a.safetensors"), (url2, base2, "b.safetensors")]:
+        Image.new("RGB", (16, 16), (5, 5, 5)).save(os.path.join(base, "input", "t.png"))
+        ids.append(http(f"{url}/arenafs/status")["client_id"])
+    assert ids[0] != ids[1], ids
+    for url, model in [(url1, "a.safetensors"), (url2, "b.safetensors")]:
+        run_prompt(url, {
+            "1": {"class_type": "LoadImage", "inputs": {"image": "t.png"}},
+            "2": {"class_type": "UpscaleModelLoader", "inputs": {"model_name": model}},
+            "3": {"class_type": "ImageUpscaleWithModel", "inputs": {"upscale_model": ["2", 0], "image": ["1", 0]}},
+            "4": {"class_type": "SaveImage", "inputs": {"images": ["3", 0], "filename_prefix": "t"}},
+        })
+
+    def both():
+        st = daemon(sock_path, "GET", "/arena/status")
+        c = st.get("clients", {})
+        ok = all(c.get(i, {}).get("complete") == 1 for i in ids)
+        return st if ok else None
+
+    st = wait("both sets copied", both, 60)
+    assert st["required_models_count"] == 2, st["required_models_count"]
+    for url in (url1, url2):
+        kinds = [e["kind"] for e in http(f"{url}/arenafs/status")["events"]]
+        assert kinds and all(k == "sent" for k in kinds), kinds
+    print("OK")
+
+
+def measure(url, sock_path, base, count):
+    """Prints the time from queueing a prompt (POST /prompt) to its model's background copy
+    fetching its first bytes, for models m0..m{count-1}.safetensors not cached yet."""
+    from PIL import Image
+
+    wait("ComfyUI to answer", lambda: _up(url), 180)
+    Image.new("RGB", (16, 16), (5, 5, 5)).save(os.path.join(base, "input", "m.png"))
+    times = []
+    for i in range(int(count)):
+        before = daemon(sock_path, "GET", "/arena/stats")["session_bytes_downloaded"]
+        prompt = {
+            "1": {"class_type": "LoadImage", "inputs": {"image": "m.png"}},
+            "2": {"class_type": "UpscaleModelLoader", "inputs": {"model_name": f"m{i}.safetensors"}},
+            "3": {"class_type": "ImageUpscaleWithModel", "inputs": {"upscale_model": ["2", 0], "image": ["1", 0]}},
+            "4": {"class_type": "SaveImage", "inputs": {"images": ["3", 0], "filename_prefix": "m"}},
+        }
+        t0 = time.perf_counter()
+        http(f"{url}/prompt", {"prompt": prompt, "client_id": "measure"})
+        while daemon(sock_path, "GET", "/arena/stats")["session_bytes_downloaded"] == before:
+            if time.perf_counter() - t0 > 30:
+                raise SystemExit("no copy started")
+        times.append((time.perf_counter() - t0) * 1000)
+        wait("the queue to drain", lambda: not http(f"{url}/queue")["queue_running"], 60)
+        wait("the copy", lambda: not daemon(sock_path, "GET", "/arena/status")["jobs"], 60)
+    times.sort()
+    print("queue -> first copy bytes, ms:", " ".join(f"{t:.1f}" for t in times),
+          f"median {times[len(times) // 2]:.1f}")
+
+
 def check_progress(url, base):
     """Copy progress reaches ComfyUI's websocket while a queued prompt's model copies."""
     import asyncio
@@ -250,6 +313,10 @@ if __name__ == "__main__":
         Image.new("RGB", (16, 16), (9, 9, 9)).save(sys.argv[2])
     elif sys.argv[1] == "wait-up":
         wait("ComfyUI to answer", lambda: _up(sys.argv[2]), 180)
+    elif sys.argv[1] == "check-two":
+        check_two(*sys.argv[2:7])
+    elif sys.argv[1] == "measure":
+        measure(*sys.argv[2:6])
     elif sys.argv[1] == "check-progress":
         check_progress(*sys.argv[2:4])
     elif sys.argv[1] == "check-no-daemon":
