@@ -27,6 +27,10 @@ pub struct Located {
     pub on_nas: Option<bool>,
     /// Its size (files only).
     pub size: Option<u64>,
+    /// When it is nowhere and its loader has read other folders in other versions: every path
+    /// looked at, in ComfyUI's search order.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub candidates: Vec<PathBuf>,
     /// `complete`, `partial` or `none`; `null` where unknown (no daemon asked).
     pub cache: Option<&'static str>,
     /// Bytes already cached; `null` where unknown.
@@ -74,9 +78,14 @@ pub struct WorkflowTotals {
     pub budget_remaining: Option<u64>,
 }
 
+/// A file found on the NAS: its path and size (`None` for a directory).
+type Found = (PathBuf, Option<u64>);
+
 /// Where a file of `model` is on the NAS: the first of ComfyUI's candidates that exists, with
-/// its size (`None` for a directory entry). `Err(())` when nothing exists.
-fn find(nas: &Nas, model: &ModelRef) -> Option<Result<(PathBuf, Option<u64>), ()>> {
+/// its size (`None` for a directory entry), searched in the model's category and then in the
+/// folders other versions of its loader read (`previous_categories`). `Err(candidates)` when
+/// nothing exists: every path looked at, when there was more than one folder to look in.
+fn find(nas: &Nas, model: &ModelRef) -> Option<Result<Found, Vec<PathBuf>>> {
     let (Some(category), Some(path)) = (&model.category, &model.path) else {
         return None;
     };
@@ -84,11 +93,14 @@ fn find(nas: &Nas, model: &ModelRef) -> Option<Result<(PathBuf, Option<u64>), ()
         .extensions
         .as_deref()
         .is_some_and(|e| e.iter().any(|x| x == "folder"));
-    let candidates = candidate_paths(category, path);
+    let candidates: Vec<String> = std::iter::once(category)
+        .chain(&model.previous_categories)
+        .flat_map(|c| candidate_paths(c, path))
+        .collect();
     if candidates.is_empty() {
         return None;
     }
-    for c in candidates {
+    for c in &candidates {
         let rel = PathBuf::from(c);
         if let Ok(st) = nas.stat(&rel) {
             match st.st_mode & libc::S_IFMT {
@@ -98,7 +110,12 @@ fn find(nas: &Nas, model: &ModelRef) -> Option<Result<(PathBuf, Option<u64>), ()
             }
         }
     }
-    Some(Err(()))
+    let looked = if model.previous_categories.is_empty() {
+        Vec::new()
+    } else {
+        candidates.into_iter().map(PathBuf::from).collect()
+    };
+    Some(Err(looked))
 }
 
 /// Places every entry on the NAS (or, without one, only passes the resolution on).
@@ -108,16 +125,17 @@ pub fn locate(res: Resolution, nas: Option<&Nas>) -> WorkflowReport {
         .into_iter()
         .map(|model| {
             let found = nas.and_then(|n| find(n, &model));
-            let (nas_path, on_nas, size) = match found {
-                Some(Ok((p, size))) => (Some(p), Some(true), size),
-                Some(Err(())) => (None, Some(false), None),
-                None => (None, None, None),
+            let (nas_path, on_nas, size, candidates) = match found {
+                Some(Ok((p, size))) => (Some(p), Some(true), size, Vec::new()),
+                Some(Err(looked)) => (None, Some(false), None, looked),
+                None => (None, None, None, Vec::new()),
             };
             Located {
                 model,
                 nas_path,
                 on_nas,
                 size,
+                candidates,
                 cache: None,
                 cached_bytes: None,
                 copy: None,
@@ -258,5 +276,63 @@ mod tests {
         assert!(bare.models.iter().all(|m| m.on_nas.is_none()));
         assert_eq!(bare.totals.missing, None);
         assert_eq!(bare.totals.exec, 4);
+    }
+
+    /// A loader that moved between folders across versions of its package: a workflow saved
+    /// with the old version names a file in the old folder, and finds it there.
+    #[test]
+    fn a_loader_that_changed_folders_is_searched_in_all_of_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("text_encoders/clip_vision_h.safetensors");
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(&p, b"12345").unwrap();
+        let wf = |name: &str| {
+            serde_json::json!({
+                "1": {"class_type": "LoadWanVideoClipTextEncoder",
+                      "inputs": {"model_name": name, "precision": "fp16", "load_device": "offload_device"}},
+                "2": {"class_type": "WanVideoSampler", "inputs": {"clip": ["1", 0]}},
+            })
+            .to_string()
+        };
+        let nas = Nas::open(dir.path()).unwrap();
+        let res =
+            crate::workflow::resolve_json(wf("clip_vision_h.safetensors").as_bytes()).unwrap();
+        let r = locate(res, Some(&nas));
+        let m = &r.models[0];
+        assert_eq!(m.model.category.as_deref(), Some("clip_vision"));
+        assert_eq!(m.model.previous_categories, ["text_encoders"]);
+        assert_eq!(
+            m.nas_path.as_deref(),
+            Some(Path::new("text_encoders/clip_vision_h.safetensors")),
+            "{r:?}"
+        );
+        assert!(m.candidates.is_empty());
+        // Also in the current folder: that one is what the current version opens.
+        let q = dir.path().join("clip_vision/clip_vision_h.safetensors");
+        std::fs::create_dir_all(q.parent().unwrap()).unwrap();
+        std::fs::write(&q, b"123").unwrap();
+        let res =
+            crate::workflow::resolve_json(wf("clip_vision_h.safetensors").as_bytes()).unwrap();
+        let r = locate(res, Some(&nas));
+        assert_eq!(
+            r.models[0].nas_path.as_deref(),
+            Some(Path::new("clip_vision/clip_vision_h.safetensors"))
+        );
+        // Nowhere: every folder looked at is reported, in search order.
+        let res = crate::workflow::resolve_json(wf("gone.safetensors").as_bytes()).unwrap();
+        let r = locate(res, Some(&nas));
+        let m = &r.models[0];
+        assert_eq!(m.on_nas, Some(false));
+        assert_eq!(
+            m.candidates,
+            [
+                PathBuf::from("clip_vision/gone.safetensors"),
+                PathBuf::from("text_encoders/gone.safetensors"),
+                PathBuf::from("clip/gone.safetensors"),
+            ]
+        );
+        let json = serde_json::to_value(m).unwrap();
+        assert_eq!(json["previous_categories"][0], "text_encoders");
+        assert_eq!(json["candidates"][1], "text_encoders/gone.safetensors");
     }
 }

@@ -137,7 +137,15 @@ fn apply_file_rule<'a>(
                 ));
             }
         }
-        report.file(status, &rule.category, name, None, &node.id(), extensions);
+        report.file_moved(
+            status,
+            &rule.category,
+            &rule.previous_categories,
+            name,
+            None,
+            &node.id(),
+            extensions,
+        );
     };
 
     if let Some(key) = &rule.object_key {

@@ -108,6 +108,10 @@ pub struct ModelRef {
     /// `["folder"]` when the name is a directory.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub extensions: Option<Vec<String>>,
+    /// Folders other versions of the loader read it from (category keys), searched after
+    /// `category`: a workflow saved with an older version names a file in the old folder.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub previous_categories: Vec<String>,
 }
 
 /// Everything a workflow says about its models.

@@ -72,6 +72,21 @@ impl Report {
         node: &str,
         extensions: Option<&[String]>,
     ) {
+        self.file_moved(status, category, &[], filename, path, node, extensions);
+    }
+
+    /// [`Self::file`] for a loader that other versions read from other folders (`previous`).
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn file_moved(
+        &mut self,
+        status: ModelStatus,
+        category: &str,
+        previous: &[String],
+        filename: &str,
+        path: Option<&str>,
+        node: &str,
+        extensions: Option<&[String]>,
+    ) {
         let Some(path) = normalize_path(path.unwrap_or(filename)) else {
             self.warnings
                 .push(format!("node {node}: {filename:?} names no file; ignored"));
@@ -94,6 +109,10 @@ impl Report {
             directory: None,
             reason: None,
             extensions: extensions.map(<[String]>::to_vec),
+            previous_categories: previous
+                .iter()
+                .map(|c| category_key(c).to_owned())
+                .collect(),
         });
     }
 
@@ -127,6 +146,7 @@ impl Report {
             directory: directory.map(str::to_owned),
             reason: None,
             extensions: None,
+            previous_categories: Vec::new(),
         });
         let entry = &mut self.models[at];
         match (&entry.url, url) {
@@ -164,6 +184,7 @@ impl Report {
             directory: None,
             reason: Some(reason),
             extensions: None,
+            previous_categories: Vec::new(),
         });
     }
 

@@ -71,6 +71,10 @@ pub struct FileRule {
     pub index: Option<usize>,
     /// ComfyUI category key the file is looked up in.
     pub category: String,
+    /// Folders that other versions of the loader read the same widget from (a package that moved
+    /// the loader between releases), searched after `category`, in this order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub previous_categories: Vec<String>,
     /// Extensions the loader accepts when narrower than the category's (`.gguf`), or
     /// `["folder"]` for loaders that take a directory.
     #[serde(default, skip_serializing_if = "Option::is_none")]
