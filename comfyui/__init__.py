@@ -76,20 +76,27 @@ def _setup():
     async def arenafs_settings_get(request):
         return await ask("GET", "/arena/settings")
 
-    @server.routes.post("/arenafs/settings")
-    async def arenafs_settings_post(request):
+    async def json_body(request):
         try:
             body = await request.json()
         except ValueError:
-            return web.json_response({"status": "error", "code": "BAD_JSON", "message": "not JSON"}, status=400)
+            body = None
+        return body if isinstance(body, dict) else None
+
+    bad_json = {"status": "error", "code": "BAD_JSON", "message": "the body is not a JSON object"}
+
+    @server.routes.post("/arenafs/settings")
+    async def arenafs_settings_post(request):
+        body = await json_body(request)
+        if body is None:
+            return web.json_response(bad_json, status=400)
         return await ask("POST", "/arena/settings", body)
 
     @server.routes.post("/arenafs/dryrun")
     async def arenafs_dryrun(request):
-        try:
-            body = await request.json()
-        except ValueError:
-            return web.json_response({"status": "error", "code": "BAD_JSON", "message": "not JSON"}, status=400)
+        body = await json_body(request)
+        if body is None:
+            return web.json_response(bad_json, status=400)
         return await ask("POST", "/arena/workflow?action=resolve", {"prompt": body.get("prompt") or {}})
 
     @server.routes.get("/arenafs/status")

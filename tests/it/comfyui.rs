@@ -36,6 +36,7 @@ fn comfyui() -> Option<(&'static Path, &'static Path)> {
 struct Server {
     child: Child,
     log: PathBuf,
+    url: String,
 }
 
 impl Drop for Server {
@@ -59,8 +60,17 @@ fn free_port() -> u16 {
         .port()
 }
 
-/// Starts ComfyUI on the CPU, on 127.0.0.1, with `base` as its base directory.
-fn start(py: &Path, src: &Path, base: &Path, port: u16, socket: &Path) -> Server {
+/// Starts ComfyUI on the CPU, on a free port of 127.0.0.1, with `base` as its base directory
+/// (made here, with this package installed and `models/` a symlink to `models` when given).
+fn launch(py: &Path, src: &Path, base: &Path, models: Option<&Path>, socket: &Path) -> Server {
+    for sub in ["custom_nodes", "input", "output"] {
+        fs::create_dir_all(base.join(sub)).unwrap();
+    }
+    if let Some(models) = models {
+        symlink(models, base.join("models")).unwrap();
+    }
+    symlink(PACKAGE, base.join("custom_nodes/arenafs")).unwrap();
+    let port = free_port();
     let log = base.join("comfyui.log");
     let out = fs::File::create(&log).unwrap();
     let child = Command::new(py)
@@ -76,7 +86,23 @@ fn start(py: &Path, src: &Path, base: &Path, port: u16, socket: &Path) -> Server
         .stderr(out)
         .spawn()
         .unwrap();
-    Server { child, log }
+    Server {
+        child,
+        log,
+        url: format!("http://127.0.0.1:{port}"),
+    }
+}
+
+/// Fails the test, with everything worth reading, unless a helper exited 0 and printed OK.
+fn assert_ok(what: &str, out: &std::process::Output, logs: &[String]) {
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.contains("OK"),
+        "{what}: {}\nstdout:\n{stdout}\nstderr:\n{}\nlogs:\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr),
+        logs.join("\n----\n")
+    );
 }
 
 fn run(py: &Path, args: &[&str]) -> std::process::Output {
@@ -102,40 +128,15 @@ fn a_queued_prompt_feeds_the_cache_and_the_nodes_answer() {
         String::from_utf8_lossy(&out.stderr)
     );
     let m = d.mount(&["min_size_mb=0"]);
-
     let base = d.tmp.path().join("comfy");
-    for sub in ["custom_nodes", "input", "output"] {
-        fs::create_dir_all(base.join(sub)).unwrap();
-    }
-    symlink(&m.mnt, base.join("models")).unwrap();
-    symlink(PACKAGE, base.join("custom_nodes/arenafs")).unwrap();
-    let port = free_port();
-    let server = start(py, src, &base, port, &m.socket);
-
-    let url = format!("http://127.0.0.1:{port}");
-    let out = run(
-        py,
-        &[
-            "check",
-            &url,
-            m.socket.to_str().unwrap(),
-            base.to_str().unwrap(),
-        ],
-    );
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success() && stdout.contains("OK"),
-        "comfyui_e2e.py check: {}\nstdout:\n{stdout}\nstderr:\n{}\nComfyUI log:\n{}\ndaemon log:\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr),
-        server.log(),
-        m.log()
-    );
+    let server = launch(py, src, &base, Some(&m.mnt), &m.socket);
+    let socket = m.socket.to_str().unwrap();
+    let out = run(py, &["check", &server.url, socket, base.to_str().unwrap()]);
+    assert_ok("comfyui_e2e.py check", &out, &[server.log(), m.log()]);
     let log = server.log();
     assert!(
         log.contains(&format!(
-            "arenafs: using the daemon at {} (from ARENAFS_SOCKET)",
-            m.socket.display()
+            "arenafs: using the daemon at {socket} (from ARENAFS_SOCKET)"
         )),
         "{log}"
     );
@@ -149,9 +150,6 @@ fn without_the_daemon_comfyui_works_as_before() {
     };
     let tmp = tempfile::tempdir().unwrap();
     let base = tmp.path().join("comfy");
-    for sub in ["custom_nodes", "input", "output", "models/upscale_models"] {
-        fs::create_dir_all(base.join(sub)).unwrap();
-    }
     let model = base.join("models/upscale_models/tiny.safetensors");
     let out = run(py, &["make-model", model.to_str().unwrap()]);
     assert!(
@@ -159,19 +157,12 @@ fn without_the_daemon_comfyui_works_as_before() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    symlink(PACKAGE, base.join("custom_nodes/arenafs")).unwrap();
-    let port = free_port();
-    let server = start(py, src, &base, port, &tmp.path().join("no-daemon.sock"));
-    let url = format!("http://127.0.0.1:{port}");
-    let out = run(py, &["check-no-daemon", &url, base.to_str().unwrap()]);
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success() && stdout.contains("OK"),
-        "comfyui_e2e.py check-no-daemon: {}\nstdout:\n{stdout}\nstderr:\n{}\nComfyUI log:\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr),
-        server.log()
+    let server = launch(py, src, &base, None, &tmp.path().join("no-daemon.sock"));
+    let out = run(
+        py,
+        &["check-no-daemon", &server.url, base.to_str().unwrap()],
     );
+    assert_ok("comfyui_e2e.py check-no-daemon", &out, &[server.log()]);
     assert!(
         server
             .log()
@@ -200,24 +191,13 @@ fn copy_progress_reaches_the_websocket() {
     s.nas.throttle(4_000_000);
     let m = s.mount(&["min_size_mb=0"]);
     let base = s.tmp.path().join("comfy");
-    for sub in ["custom_nodes", "input", "output"] {
-        fs::create_dir_all(base.join(sub)).unwrap();
-    }
-    symlink(&m.mnt, base.join("models")).unwrap();
-    symlink(PACKAGE, base.join("custom_nodes/arenafs")).unwrap();
-    let port = free_port();
-    let server = start(py, src, &base, port, &m.socket);
-    let url = format!("http://127.0.0.1:{port}");
-    let out = run(py, &["check-progress", &url, base.to_str().unwrap()]);
-    let stdout = String::from_utf8_lossy(&out.stdout);
+    let server = launch(py, src, &base, Some(&m.mnt), &m.socket);
+    let out = run(py, &["check-progress", &server.url, base.to_str().unwrap()]);
     s.nas.throttle(0);
-    assert!(
-        out.status.success() && stdout.contains("OK"),
-        "comfyui_e2e.py check-progress: {}\nstdout:\n{stdout}\nstderr:\n{}\nComfyUI log:\n{}\ndaemon log:\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr),
-        server.log(),
-        m.log()
+    assert_ok(
+        "comfyui_e2e.py check-progress",
+        &out,
+        &[server.log(), m.log()],
     );
 }
 
@@ -267,11 +247,7 @@ fn the_panel_in_a_real_browser() {
     let m = s.mount(&["min_size_mb=0", &format!("env={}", env.display())]);
     s.nas.throttle(4_000_000);
     let base = s.tmp.path().join("comfy");
-    for sub in ["custom_nodes", "input", "output"] {
-        fs::create_dir_all(base.join(sub)).unwrap();
-    }
-    symlink(&m.mnt, base.join("models")).unwrap();
-    symlink(PACKAGE, base.join("custom_nodes/arenafs")).unwrap();
+    let server = launch(py, src, &base, Some(&m.mnt), &m.socket);
     let img = run(
         py,
         &["make-image", base.join("input/p.png").to_str().unwrap()],
@@ -281,13 +257,9 @@ fn the_panel_in_a_real_browser() {
         "{}",
         String::from_utf8_lossy(&img.stderr)
     );
-    let port = free_port();
-    let server = start(py, src, &base, port, &m.socket);
-    let url = format!("http://127.0.0.1:{port}");
     let shots = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/ui-screenshots");
     fs::create_dir_all(&shots).unwrap();
-    // Wait for ComfyUI with the python helper, then drive the page.
-    let up = run(py, &["wait-up", &url]);
+    let up = run(py, &["wait-up", &server.url]);
     assert!(
         up.status.success(),
         "{}\n{}",
@@ -296,26 +268,26 @@ fn the_panel_in_a_real_browser() {
     );
     let out = Command::new("node")
         .arg(PANEL)
-        .arg(&url)
+        .arg(&server.url)
         .arg(&shots)
         .output()
         .unwrap();
     s.nas.throttle(0);
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success() && stdout.contains("OK"),
-        "panel.mjs: {}\nstdout:\n{stdout}\nstderr:\n{}\nComfyUI log:\n{}\ndaemon log:\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr),
-        server.log(),
-        m.log()
-    );
+    assert_ok("panel.mjs", &out, &[server.log(), m.log()]);
     // The change went through the daemon into its env file.
     let text = fs::read_to_string(&env).unwrap();
     assert!(text.starts_with("# studio settings\n"), "{text}");
     assert!(
         text.contains("ARENA_CACHE_DISCOVERY=workflow_only"),
         "{text}"
+    );
+    assert_eq!(
+        m.log()
+            .matches("settings changed through the control API")
+            .count(),
+        2,
+        "manual_only, then workflow_only again: {}",
+        m.log()
     );
     for shot in [
         "arena-settings.png",
@@ -349,40 +321,27 @@ fn two_instances_share_one_mount() {
     }
     // A long cooldown: the two sets are bulk requests within it.
     let m = d.mount(&["min_size_mb=0", "cache_cooldown_ms=600000"]);
-    let mut servers = Vec::new();
-    let mut urls = Vec::new();
-    let mut bases = Vec::new();
-    for i in 0..2 {
-        let base = d.tmp.path().join(format!("comfy{i}"));
-        for sub in ["custom_nodes", "input", "output"] {
-            fs::create_dir_all(base.join(sub)).unwrap();
-        }
-        symlink(&m.mnt, base.join("models")).unwrap();
-        symlink(PACKAGE, base.join("custom_nodes/arenafs")).unwrap();
-        let port = free_port();
-        servers.push(start(py, src, &base, port, &m.socket));
-        urls.push(format!("http://127.0.0.1:{port}"));
-        bases.push(base);
-    }
+    let bases: Vec<PathBuf> = (0..2)
+        .map(|i| d.tmp.path().join(format!("comfy{i}")))
+        .collect();
+    let servers: Vec<Server> = bases
+        .iter()
+        .map(|b| launch(py, src, b, Some(&m.mnt), &m.socket))
+        .collect();
     let out = run(
         py,
         &[
             "check-two",
-            &urls[0],
-            &urls[1],
+            &servers[0].url,
+            &servers[1].url,
             m.socket.to_str().unwrap(),
             bases[0].to_str().unwrap(),
             bases[1].to_str().unwrap(),
         ],
     );
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success() && stdout.contains("OK"),
-        "comfyui_e2e.py check-two: {}\nstdout:\n{stdout}\nstderr:\n{}\nComfyUI logs:\n{}\n{}\ndaemon log:\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr),
-        servers[0].log(),
-        servers[1].log(),
-        m.log()
+    assert_ok(
+        "comfyui_e2e.py check-two",
+        &out,
+        &[servers[0].log(), servers[1].log(), m.log()],
     );
 }

@@ -414,12 +414,12 @@ fn prefetch_budget_and_cooldown() {
     assert_eq!((status, code.as_str()), (400, "EMPTY_REQUIRED_SET"));
 }
 
-#[test]
-fn autopatch_start_stop_and_refusals() {
-    require_mount!();
+/// A loop-device NAS with `n` loras of 6 chunks (`loras/f0.safetensors` ...), its reads
+/// throttled to 4 MB/s so that copies of them take seconds.
+fn slow_loras(n: u64) -> LoopDirs {
     let s = LoopDirs::new(128);
     fs::create_dir(s.nas.dir.join("loras")).unwrap();
-    for i in 0..2 {
+    for i in 0..n {
         fs::write(
             s.nas.dir.join(format!("loras/f{i}.safetensors")),
             random_bytes(6 * CHUNK as usize, i),
@@ -428,6 +428,13 @@ fn autopatch_start_stop_and_refusals() {
     }
     s.nas.remount();
     s.nas.throttle(4_000_000);
+    s
+}
+
+#[test]
+fn autopatch_start_stop_and_refusals() {
+    require_mount!();
+    let s = slow_loras(2);
     let m = s.mount(&["min_size_mb=0", "cache_cooldown_ms=60000"]);
 
     let (status, code, _) = api_err(post(
@@ -524,17 +531,7 @@ fn autopatch_start_stop_and_refusals() {
 #[test]
 fn required_sets_per_client() {
     require_mount!();
-    let s = LoopDirs::new(128);
-    fs::create_dir(s.nas.dir.join("loras")).unwrap();
-    for i in 0..3 {
-        fs::write(
-            s.nas.dir.join(format!("loras/f{i}.safetensors")),
-            random_bytes(6 * CHUNK as usize, i),
-        )
-        .unwrap();
-    }
-    s.nas.remount();
-    s.nas.throttle(4_000_000);
+    let s = slow_loras(3);
     let m = s.mount(&["min_size_mb=0", "cache_cooldown_ms=60000"]);
     let start = |client: &str, files: &[&str]| {
         let models: Vec<Value> = files

@@ -64,6 +64,16 @@ def wait(what, cond, timeout=120):
         time.sleep(0.1)
 
 
+def upscale_prompt(image, model, prefix):
+    """LoadImage -> UpscaleModelLoader -> ImageUpscaleWithModel -> SaveImage."""
+    return {
+        "1": {"class_type": "LoadImage", "inputs": {"image": image}},
+        "2": {"class_type": "UpscaleModelLoader", "inputs": {"model_name": model}},
+        "3": {"class_type": "ImageUpscaleWithModel", "inputs": {"upscale_model": ["2", 0], "image": ["1", 0]}},
+        "4": {"class_type": "SaveImage", "inputs": {"images": ["3", 0], "filename_prefix": prefix}},
+    }
+
+
 def run_prompt(url, prompt):
     r = http(f"{url}/prompt", {"prompt": prompt, "client_id": "arenafs-test"})
     if r.get("node_errors"):
@@ -84,13 +94,7 @@ def run_prompt(url, prompt):
 def check(url, sock_path, base):
     from PIL import Image
 
-    def up():
-        try:
-            return http(f"{url}/system_stats", timeout=2)
-        except OSError:
-            return None
-
-    wait("ComfyUI to answer", up, 180)
+    wait("ComfyUI to answer", lambda: _up(url), 180)
     info = http(f"{url}/object_info/ArenaAutoCacheStats")
     assert info["ArenaAutoCacheStats"]["display_name"] == "Arena AutoCache: Stats", info
     assert "ArenaAutoCacheTrim" in http(f"{url}/object_info/ArenaAutoCacheTrim")
@@ -104,12 +108,7 @@ def check(url, sock_path, base):
         Image.new("RGB", (16, 16), color).save(os.path.join(base, "input", name))
 
     def upscale(image, prefix):
-        return {
-            "1": {"class_type": "LoadImage", "inputs": {"image": image}},
-            "2": {"class_type": "UpscaleModelLoader", "inputs": {"model_name": "tiny.safetensors"}},
-            "3": {"class_type": "ImageUpscaleWithModel", "inputs": {"upscale_model": ["2", 0], "image": ["1", 0]}},
-            "4": {"class_type": "SaveImage", "inputs": {"images": ["3", 0], "filename_prefix": prefix}},
-        }
+        return upscale_prompt(image, "tiny.safetensors", prefix)
 
     before = daemon(sock_path, "GET", "/arena/stats")
     out = run_prompt(url, upscale("arena1.png", "arena1"))
@@ -157,20 +156,9 @@ def check_no_daemon(url, base):
     daemon is not reachable."""
     from PIL import Image
 
-    def up():
-        try:
-            return http(f"{url}/system_stats", timeout=2)
-        except OSError:
-            return None
-
-    wait("ComfyUI to answer", up, 180)
+    wait("ComfyUI to answer", lambda: _up(url), 180)
     Image.new("RGB", (16, 16), (1, 2, 3)).save(os.path.join(base, "input", "plain.png"))
-    out = run_prompt(url, {
-        "1": {"class_type": "LoadImage", "inputs": {"image": "plain.png"}},
-        "2": {"class_type": "UpscaleModelLoader", "inputs": {"model_name": "tiny.safetensors"}},
-        "3": {"class_type": "ImageUpscaleWithModel", "inputs": {"upscale_model": ["2", 0], "image": ["1", 0]}},
-        "4": {"class_type": "SaveImage", "inputs": {"images": ["3", 0], "filename_prefix": "plain"}},
-    })
+    out = run_prompt(url, upscale_prompt("plain.png", "tiny.safetensors", "plain"))
     assert out["4"]["images"], out
     ext = http(f"{url}/arenafs/status")
     assert ext["reachable"] is False and ext["error"]["code"] == "UNREACHABLE", ext
@@ -195,12 +183,7 @@ def check_two(url1, url2, sock_path, base1, base2):
         ids.append(http(f"{url}/arenafs/status")["client_id"])
     assert ids[0] != ids[1], ids
     for url, model in [(url1, "a.safetensors"), (url2, "b.safetensors")]:
-        run_prompt(url, {
-            "1": {"class_type": "LoadImage", "inputs": {"image": "t.png"}},
-            "2": {"class_type": "UpscaleModelLoader", "inputs": {"model_name": model}},
-            "3": {"class_type": "ImageUpscaleWithModel", "inputs": {"upscale_model": ["2", 0], "image": ["1", 0]}},
-            "4": {"class_type": "SaveImage", "inputs": {"images": ["3", 0], "filename_prefix": "t"}},
-        })
+        run_prompt(url, upscale_prompt("t.png", model, "t"))
 
     def both():
         st = daemon(sock_path, "GET", "/arena/status")
@@ -226,12 +209,7 @@ def measure(url, sock_path, base, count):
     times = []
     for i in range(int(count)):
         before = daemon(sock_path, "GET", "/arena/stats")["session_bytes_downloaded"]
-        prompt = {
-            "1": {"class_type": "LoadImage", "inputs": {"image": "m.png"}},
-            "2": {"class_type": "UpscaleModelLoader", "inputs": {"model_name": f"m{i}.safetensors"}},
-            "3": {"class_type": "ImageUpscaleWithModel", "inputs": {"upscale_model": ["2", 0], "image": ["1", 0]}},
-            "4": {"class_type": "SaveImage", "inputs": {"images": ["3", 0], "filename_prefix": "m"}},
-        }
+        prompt = upscale_prompt("m.png", f"m{i}.safetensors", "m")
         t0 = time.perf_counter()
         http(f"{url}/prompt", {"prompt": prompt, "client_id": "measure"})
         while daemon(sock_path, "GET", "/arena/stats")["session_bytes_downloaded"] == before:
@@ -252,20 +230,9 @@ def check_progress(url, base):
     import aiohttp
     from PIL import Image
 
-    def up():
-        try:
-            return http(f"{url}/system_stats", timeout=2)
-        except OSError:
-            return None
-
-    wait("ComfyUI to answer", up, 180)
+    wait("ComfyUI to answer", lambda: _up(url), 180)
     Image.new("RGB", (16, 16), (9, 9, 9)).save(os.path.join(base, "input", "p.png"))
-    prompt = {
-        "1": {"class_type": "LoadImage", "inputs": {"image": "p.png"}},
-        "2": {"class_type": "UpscaleModelLoader", "inputs": {"model_name": "big.safetensors"}},
-        "3": {"class_type": "ImageUpscaleWithModel", "inputs": {"upscale_model": ["2", 0], "image": ["1", 0]}},
-        "4": {"class_type": "SaveImage", "inputs": {"images": ["3", 0], "filename_prefix": "p"}},
-    }
+    prompt = upscale_prompt("p.png", "big.safetensors", "p")
 
     async def watch():
         seen = []
