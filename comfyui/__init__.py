@@ -5,6 +5,7 @@ Install: copy or symlink this folder to ComfyUI/custom_nodes/arenafs. The daemon
 ARENAFS_SOCKET, else from the arenafs mount that serves ComfyUI's models/ directory.
 """
 
+import asyncio
 import logging
 import os
 import socket as _socket
@@ -60,8 +61,6 @@ def _setup():
 
     from aiohttp import web
 
-    import asyncio
-
     async def ask(method, target, body=None):
         """The daemon's answer, or its error as a JSON body (the panel shows it)."""
         try:
@@ -101,8 +100,6 @@ def _setup():
 
     @server.routes.get("/arenafs/status")
     async def arenafs_status(request):
-        import asyncio
-
         info = {"socket": socket_path, "socket_source": socket_source, "client_id": feeder.client_id,
                 "events": feeder.recent()}
         try:

@@ -61,7 +61,8 @@ fn free_port() -> u16 {
 }
 
 /// Starts ComfyUI on the CPU, on a free port of 127.0.0.1, with `base` as its base directory
-/// (made here, with this package installed and `models/` a symlink to `models` when given).
+/// (made here, with this package installed and `models/` a symlink to `models` when given), and
+/// waits until it serves. A port taken between choosing it and binding it costs another try.
 fn launch(py: &Path, src: &Path, base: &Path, models: Option<&Path>, socket: &Path) -> Server {
     for sub in ["custom_nodes", "input", "output"] {
         fs::create_dir_all(base.join(sub)).unwrap();
@@ -70,27 +71,48 @@ fn launch(py: &Path, src: &Path, base: &Path, models: Option<&Path>, socket: &Pa
         symlink(models, base.join("models")).unwrap();
     }
     symlink(PACKAGE, base.join("custom_nodes/arenafs")).unwrap();
-    let port = free_port();
     let log = base.join("comfyui.log");
-    let out = fs::File::create(&log).unwrap();
-    let child = Command::new(py)
-        .arg(src.join("main.py"))
-        .args(["--cpu", "--listen", "127.0.0.1", "--disable-auto-launch"])
-        .args(["--port", &port.to_string()])
-        .arg("--base-directory")
-        .arg(base)
-        .env("ARENAFS_SOCKET", socket)
-        .current_dir(src)
-        .stdin(Stdio::null())
-        .stdout(out.try_clone().unwrap())
-        .stderr(out)
-        .spawn()
-        .unwrap();
-    Server {
-        child,
-        log,
-        url: format!("http://127.0.0.1:{port}"),
+    let mut last = String::new();
+    for _ in 0..3 {
+        let port = free_port();
+        let out = fs::File::create(&log).unwrap();
+        let child = Command::new(py)
+            .arg(src.join("main.py"))
+            .args(["--cpu", "--listen", "127.0.0.1", "--disable-auto-launch"])
+            .args(["--port", &port.to_string()])
+            .arg("--base-directory")
+            .arg(base)
+            .env("ARENAFS_SOCKET", socket)
+            .current_dir(src)
+            .stdin(Stdio::null())
+            .stdout(out.try_clone().unwrap())
+            .stderr(out)
+            .spawn()
+            .unwrap();
+        let mut server = Server {
+            child,
+            log: log.clone(),
+            url: format!("http://127.0.0.1:{port}"),
+        };
+        let serving = format!("To see the GUI go to: http://127.0.0.1:{port}");
+        let started = std::time::Instant::now();
+        loop {
+            if server.log().contains(&serving) {
+                return server;
+            }
+            if server.child.try_wait().unwrap().is_some() {
+                break; // exited: the port was taken, say; try another
+            }
+            assert!(
+                started.elapsed() < std::time::Duration::from_secs(180),
+                "ComfyUI did not start:\n{}",
+                server.log()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        last = server.log();
     }
+    panic!("ComfyUI exited three times:\n{last}");
 }
 
 /// Fails the test, with everything worth reading, unless a helper exited 0 and printed OK.
