@@ -48,20 +48,30 @@ class ArenaAutoCache:
         return ()
 
 
-class ArenaAutoCacheStats:
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {}}
+class _Report:
+    """A node that asks the daemon and outputs what it says, as text and as JSON; it always runs
+    (what the daemon says changes)."""
 
     RETURN_TYPES = ("STRING", "STRING")
     RETURN_NAMES = ("text", "json")
-    FUNCTION = "stats"
     CATEGORY = CATEGORY
     OUTPUT_NODE = True
 
     @classmethod
     def IS_CHANGED(cls, **_):
-        return float("nan")  # always run: the counters change
+        return float("nan")
+
+    @staticmethod
+    def report(text, answer):
+        return {"ui": {"text": [text]}, "result": (text, json.dumps(answer, sort_keys=True))}
+
+
+class ArenaAutoCacheStats(_Report):
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {}}
+
+    FUNCTION = "stats"
 
     def stats(self):
         answer = _call("GET", "/arena/stats")
@@ -71,11 +81,10 @@ class ArenaAutoCacheStats:
             keys = ["opens_passthrough", "opens_ssd", "opens_filling", "opens_nas", "bytes_from_ssd",
                     "bytes_from_nas", "bytes_fetched", "copies_completed", "evictions"]
             text = "\n".join(f"{k}: {answer.get(k)}" for k in keys if k in answer)
-        data = json.dumps(answer, sort_keys=True)
-        return {"ui": {"text": [text]}, "result": (text, data)}
+        return self.report(text, answer)
 
 
-class ArenaAutoCacheTrim:
+class ArenaAutoCacheTrim(_Report):
     @classmethod
     def INPUT_TYPES(cls):
         return {
@@ -86,15 +95,7 @@ class ArenaAutoCacheTrim:
             }
         }
 
-    RETURN_TYPES = ("STRING", "STRING")
-    RETURN_NAMES = ("text", "json")
     FUNCTION = "trim"
-    CATEGORY = CATEGORY
-    OUTPUT_NODE = True
-
-    @classmethod
-    def IS_CHANGED(cls, **_):
-        return float("nan")
 
     def trim(self, criterion, value, dry_run):
         body = {"dry_run": bool(dry_run)}
@@ -107,7 +108,7 @@ class ArenaAutoCacheTrim:
                 body[criterion] = value
         except ValueError:
             text = f"arenafs: {criterion} needs a number, not {value!r}"
-            return {"ui": {"text": [text]}, "result": (text, json.dumps({"status": "error"}))}
+            return self.report(text, {"status": "error"})
         answer = _call("POST", "/arena/trim", body)
         if answer.get("status") == "error":
             text = f"arenafs: {answer['code']}: {answer['message']}"
@@ -117,7 +118,7 @@ class ArenaAutoCacheTrim:
             lines = [f"{verb} {len(removed)} copies, {answer.get('freed_bytes', 0)} bytes"]
             lines += [f"  {r.get('path')}" for r in removed]
             text = "\n".join(lines)
-        return {"ui": {"text": [text]}, "result": (text, json.dumps(answer, sort_keys=True))}
+        return self.report(text, answer)
 
 
 NODE_CLASS_MAPPINGS = {

@@ -172,9 +172,8 @@ struct State {
     running: HashMap<PathBuf, Arc<Progress>>,
     cancelled: HashSet<PathBuf>,
     required: HashSet<PathBuf>,
-    last_bulk: Option<Instant>,
-    /// The same, per client id.
-    last_bulk_by: HashMap<String, Instant>,
+    /// The last accepted bulk request, per client id (`None`: requests without one).
+    last_bulk: HashMap<Option<String>, Instant>,
     stopping: bool,
 }
 
@@ -389,11 +388,8 @@ impl Worker {
     ) -> Result<Vec<Planned>, RequestError> {
         let settings = self.live.settings();
         let mut st = self.state.lock();
-        let last = match client {
-            None => st.last_bulk,
-            Some(c) => st.last_bulk_by.get(c).copied(),
-        };
-        if bulk && let Some(last) = last {
+        let client = client.map(str::to_owned);
+        if bulk && let Some(&last) = st.last_bulk.get(&client) {
             let elapsed = last.elapsed();
             if elapsed < settings.cooldown {
                 return Err(RequestError::CooldownActive {
@@ -414,16 +410,10 @@ impl Worker {
             }
         }
         if bulk {
-            match client {
-                None => st.last_bulk = Some(Instant::now()),
-                Some(c) => {
-                    // Forgets clients whose cooldown is long over (ids are bounded by the API).
-                    st.last_bulk_by.retain(|_, t| {
-                        t.elapsed() < settings.cooldown.max(Duration::from_secs(3600))
-                    });
-                    st.last_bulk_by.insert(c.to_owned(), Instant::now());
-                }
-            }
+            // Forgets requests whose cooldown is long over (client ids are bounded by the API).
+            let keep = settings.cooldown.max(Duration::from_secs(3600));
+            st.last_bulk.retain(|_, t| t.elapsed() < keep);
+            st.last_bulk.insert(client, Instant::now());
         }
         drop(st);
         for p in &mut planned {

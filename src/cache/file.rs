@@ -387,7 +387,7 @@ impl CacheFile {
     /// Makes chunk `idx` present, fetching it from `nas` unless it is present or another caller is
     /// already fetching it (then waits for that fetch).
     pub fn ensure_chunk(&self, idx: u64, nas: &File) -> Result<Chunk, FetchError> {
-        let (start, end) = self.map().chunk_range(idx);
+        let (start, end) = self.state.lock().map.chunk_range(idx);
         if !self.claim(idx, start, end, Some(nas), &mut Vec::new(), &mut 0)? {
             return Ok(Chunk::Present);
         }

@@ -252,6 +252,13 @@ impl RequiredSets {
         }
     }
 
+    fn get_mut(&mut self, client: Option<&str>) -> Option<&mut Autopatch> {
+        match client {
+            None => Some(&mut self.legacy),
+            Some(c) => self.clients.get_mut(c),
+        }
+    }
+
     /// The set of `client`, made if new (refused past [`MAX_CLIENTS`] active clients).
     fn slot(&mut self, client: Option<&str>) -> Result<&mut Autopatch, ApiError> {
         let Some(c) = client else {
@@ -803,7 +810,7 @@ fn stop_required(s: &Shared, client: Option<&str>) -> usize {
         .filter(|p| !others.contains(p))
         .collect();
     let n = s.worker.cancel(&mine);
-    if let Ok(ap) = sets.slot(client)
+    if let Some(ap) = sets.get_mut(client)
         && ap.active()
     {
         ap.stopped_at = Some(crate::cache::live::now_secs());
@@ -885,7 +892,7 @@ fn start_required(
         }
     }
     // The slot is taken before the copies are queued: a refusal there queues nothing.
-    sets.slot(client)?;
+    let slot = sets.slot(client)?;
     let planned = s
         .worker
         .commit_as(planned, Reason::Required, true, client)?;
@@ -899,7 +906,7 @@ fn start_required(
             .count(),
         "required set started"
     );
-    *sets.slot(client)? = Autopatch {
+    *slot = Autopatch {
         models: named,
         started_at: Some(crate::cache::live::now_secs()),
         stopped_at: None,
