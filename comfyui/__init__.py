@@ -101,7 +101,7 @@ def _setup():
     @server.routes.get("/arenafs/status")
     async def arenafs_status(request):
         info = {"socket": socket_path, "socket_source": socket_source, "client_id": feeder.client_id,
-                "events": feeder.recent()}
+                "events": feeder.recent(), "pending_prompts": feeder.pending_prompts()}
         try:
             info["daemon"] = await asyncio.get_running_loop().run_in_executor(None, client.get, "/arena/status")
             info["reachable"] = True

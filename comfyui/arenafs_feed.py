@@ -47,6 +47,7 @@ class Feeder:
         self.queue = queue.Queue()
         self.lock = threading.Lock()
         self.events = []  # the last events, newest last (shown by /arenafs/status)
+        self.pending = 0
         self.listeners = []  # callables(event dict), e.g. a websocket push
         self.thread = threading.Thread(target=self._run, name="arenafs-feed", daemon=True)
         self.thread.start()
@@ -56,10 +57,20 @@ class Feeder:
         try:
             prompt = json_data.get("prompt") if isinstance(json_data, dict) else None
             if isinstance(prompt, dict):
-                self.queue.put(prompt)
+                # A snapshot: ComfyUI's executor writes into the prompt's nodes later (their
+                # `is_changed`, NaN for nodes that always run), possibly while it is being sent.
+                snapshot = json.loads(json.dumps(prompt))
+                with self.lock:
+                    self.pending += 1
+                self.queue.put(snapshot)
         except Exception:  # never break queueing
             log.exception("arenafs: could not look at a queued prompt")
         return json_data
+
+    def pending_prompts(self):
+        """Prompts queued but not yet sent, refused or given up."""
+        with self.lock:
+            return self.pending
 
     def _event(self, kind, **fields):
         ev = {"kind": kind, "time": time.time(), **fields}
@@ -88,6 +99,9 @@ class Feeder:
             except Exception as e:  # a bug here must not stop the feeder
                 log.exception("arenafs: feeding a prompt failed")
                 self._event("error", code="INTERNAL", message=str(e))
+            finally:
+                with self.lock:
+                    self.pending -= 1
 
     def _feed(self, prompt):
         override = override_of(prompt)
@@ -98,9 +112,13 @@ class Feeder:
             if discovery == "manual_only":
                 self._event("skipped", reason="discovery is manual_only")
                 return
-            target = "/arena/workflow?" + urllib.parse.urlencode(
-                {"action": "prefetch", "client_id": self.client_id}
-            )
+            query = {"action": "prefetch", "client_id": self.client_id}
+            strategy = override.get("prefetch", "inherit")
+            if strategy in ("lazy", "prefetch_allowlist"):
+                # The override applies to this prompt's copies only: with the allow-list, its
+                # files join the prompt's models in this instance's required set.
+                query["prefetch_strategy"] = strategy
+            target = "/arena/workflow?" + urllib.parse.urlencode(query)
             started = time.monotonic()
             while True:
                 try:
@@ -109,6 +127,7 @@ class Feeder:
                         "sent",
                         queued=answer.get("queued", 0),
                         bytes_to_fetch=answer.get("bytes_to_fetch", 0),
+                        allowlist=answer.get("allowlist", 0),
                         models=[m.get("nas_path") or m.get("path") for m in answer.get("models", []) if m.get("status") == "exec"],
                     )
                     return

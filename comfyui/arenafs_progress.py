@@ -1,10 +1,13 @@
 """Copy progress for ComfyUI's front end, over its websocket (`send_sync`).
 
-While copies run, the daemon's status is polled (every POLL_SECS, and only then) and each poll is
-sent as an `arenafs.progress` event: the running and queued copies with bytes done, rate and ETA,
-the cache state and whether the NAS is offline. When the last copy ends, one event with no jobs
-follows and polling stops until the feeder sends another prompt. The feeder's events (a prompt
-sent, a refusal, the daemon not reachable) go out as `arenafs.event`.
+While copies run, the daemon's status is polled (every POLL_SECS) and each poll is sent as an
+`arenafs.progress` event: the running and queued copies with bytes done, rate and ETA, the cache
+state and whether the NAS is offline. When the last copy ends, one event with no jobs follows.
+Between copies the status is looked at every IDLE_SECS, and an event goes out only when something
+the badge shows changed: the daemon became (un)reachable, the NAS went offline or came back, the
+cache state changed, or copies started (a prefetch from the CLI, say), which starts the fast
+polling again. The feeder's events (a prompt sent, a refusal, the daemon not reachable) go out as
+`arenafs.event`.
 """
 
 import threading
@@ -12,6 +15,7 @@ import threading
 from .arenafs_client import DaemonError
 
 POLL_SECS = 0.5
+IDLE_SECS = 5.0
 
 
 def progress_of(status):
@@ -39,19 +43,27 @@ class Progress:
         if ev.get("kind") == "sent":
             self.wake.set()
 
+    def _poll(self):
+        try:
+            return progress_of(self.client.get("/arena/status"))
+        except DaemonError as e:
+            return {"reachable": False, "error": e.code, "jobs": []}
+
     def _run(self):
+        shown = None  # what the badge was last told: (reachable, offline, cache state)
         while True:
-            self.wake.wait()
+            fed = self.wake.wait(IDLE_SECS)
             self.wake.clear()
             while True:
-                try:
-                    data = progress_of(self.client.get("/arena/status"))
-                except DaemonError as e:
-                    self.send("arenafs.progress", {"reachable": False, "error": e.code, "jobs": []})
-                    break
-                self.send("arenafs.progress", data)
+                data = self._poll()
+                now = (data["reachable"], data.get("offline"), data.get("cache_state"))
+                if fed or data["jobs"] or now != shown:
+                    self.send("arenafs.progress", data)
+                    shown = now
                 if not data["jobs"]:
                     break
                 # A new prompt while copies run just keeps the polling going.
                 self.wake.wait(POLL_SECS)
                 self.wake.clear()
+                # The event after the last copy goes out even when nothing else changed.
+                fed = True

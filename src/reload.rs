@@ -178,24 +178,35 @@ pub fn start_work(live: &Live, nas: &Nas, worker: &Worker) {
     }
 }
 
-fn queue_allowlist(path: Option<&Path>, nas: &Nas, worker: &Worker) {
+/// Reads the allow-list: its references, with a warning logged for each bad line. Errors say
+/// why there is none (not configured, unreadable).
+pub fn read_allowlist(path: Option<&Path>) -> Result<Vec<models::ModelRef>, String> {
     let Some(path) = path else {
-        tracing::warn!(
-            "ARENA_CACHE_PREFETCH_STRATEGY=prefetch_allowlist without ARENA_CACHE_PREFETCH_ALLOWLIST; nothing to prefetch"
-        );
-        return;
+        return Err("ARENA_CACHE_PREFETCH_ALLOWLIST is not set".into());
     };
-    let text = match std::fs::read_to_string(path) {
-        Ok(t) => t,
-        Err(e) => {
-            tracing::warn!(file = %path.display(), error = %e, "cannot read the prefetch allow-list");
-            return;
-        }
-    };
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        format!(
+            "cannot read the prefetch allow-list {}: {e}",
+            path.display()
+        )
+    })?;
     let (refs, warnings) = models::read_list(&text);
     for w in warnings {
         tracing::warn!(file = %path.display(), "allow-list {w}");
     }
+    Ok(refs)
+}
+
+fn queue_allowlist(path: Option<&Path>, nas: &Nas, worker: &Worker) {
+    let refs = match read_allowlist(path) {
+        Ok(refs) => refs,
+        Err(e) => {
+            tracing::warn!(
+                "ARENA_CACHE_PREFETCH_STRATEGY=prefetch_allowlist, but {e}; nothing to prefetch"
+            );
+            return;
+        }
+    };
     let mut paths = Vec::new();
     for r in refs {
         match r.resolve(nas) {
@@ -246,7 +257,7 @@ fn queue_eager(live: &Live, nas: &Nas, worker: &Worker) {
                     if policy.decide(&rel, size) != Decision::Cache || size > left {
                         continue;
                     }
-                    if worker.enqueue(&rel, Reason::Eager) {
+                    if worker.enqueue(&rel, Reason::Eager, size) {
                         left -= size;
                         queued += 1;
                     }

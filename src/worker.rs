@@ -161,6 +161,8 @@ pub struct JobInfo {
 struct Job {
     rel: PathBuf,
     reason: Reason,
+    /// Size on the NAS when queued.
+    size: u64,
     attempts: u32,
     not_before: Instant,
 }
@@ -292,8 +294,9 @@ impl Worker {
         &self.foreground
     }
 
-    /// Queues a copy of `rel` unless it is queued or running. Returns whether it was queued.
-    pub fn enqueue(&self, rel: &Path, reason: Reason) -> bool {
+    /// Queues a copy of `rel` (`size` bytes on the NAS, as last seen: what the status shows until
+    /// the copy opens the file) unless it is queued or running. Returns whether it was queued.
+    pub fn enqueue(&self, rel: &Path, reason: Reason, size: u64) -> bool {
         if self.live.settings().state() != CacheState::Red {
             return false;
         }
@@ -305,6 +308,7 @@ impl Worker {
         st.queue.push_back(Job {
             rel: rel.to_path_buf(),
             reason,
+            size,
             attempts: 0,
             not_before: Instant::now(),
         });
@@ -417,7 +421,7 @@ impl Worker {
         }
         drop(st);
         for p in &mut planned {
-            if p.outcome == Outcome::Queued && !self.enqueue(&p.path, reason) {
+            if p.outcome == Outcome::Queued && !self.enqueue(&p.path, reason, p.size) {
                 p.outcome = Outcome::AlreadyQueued;
             }
         }
@@ -517,7 +521,7 @@ impl Worker {
                     total_bytes: pr.total,
                     done_bytes: done,
                     rate_bytes_per_sec: rate,
-                    eta_secs: (rate > 0.0).then(|| (pr.total - done) as f64 / rate),
+                    eta_secs: (rate > 0.0).then(|| pr.total.saturating_sub(done) as f64 / rate),
                 }
             })
             .collect();
@@ -525,7 +529,7 @@ impl Worker {
             path: j.rel.clone(),
             reason: j.reason,
             state: "queued",
-            total_bytes: 0,
+            total_bytes: j.size,
             done_bytes: 0,
             rate_bytes_per_sec: 0.0,
             eta_secs: None,
@@ -582,7 +586,7 @@ impl Worker {
                     st.queued.remove(&job.rel);
                     let progress = Arc::new(Progress {
                         reason: job.reason,
-                        total: 0,
+                        total: job.size,
                         done: AtomicU64::new(0),
                         fetched: AtomicU64::new(0),
                         started: Instant::now(),
@@ -891,7 +895,10 @@ mod tests {
             ..Settings::default()
         });
         // Not on the NAS: every attempt fails to open it.
-        assert!(w.enqueue(Path::new("loras/gone.safetensors"), Reason::Prefetch));
+        assert!(w.enqueue(Path::new("loras/gone.safetensors"), Reason::Prefetch, 123));
+        // Queued, running or waiting to retry, it shows the size it was queued with (the job
+        // leaves the list only under the lock that requeues it, after ≥ 7 s of backoff).
+        assert_eq!(w.jobs()[0].total_bytes, 123);
         let start = Instant::now();
         while w.stats.copies_failed.load(Ordering::Relaxed) == 0 {
             assert!(start.elapsed() < Duration::from_secs(30), "never gave up");
@@ -916,7 +923,7 @@ mod tests {
         });
         let planned = w.request(&paths(&[0]), Reason::Prefetch, true).unwrap();
         assert_eq!(planned[0].outcome, Outcome::CachingOff);
-        assert!(!w.enqueue(Path::new("loras/f0.safetensors"), Reason::Loaded));
+        assert!(!w.enqueue(Path::new("loras/f0.safetensors"), Reason::Loaded, 0));
         w.stop();
     }
 }

@@ -87,7 +87,29 @@ function badge() {
   return el;
 }
 
+// What the badge showed last, to toast the changes: the daemon lost or back, the NAS offline or
+// back. The first state seen (page load) toasts only what is wrong.
+let last = null;
+let lastEventAt = 0;
+
+function announce(progress) {
+  const now = { reachable: !!progress.reachable, offline: !!(progress.reachable && progress.offline) };
+  const was = last || { reachable: true, offline: false };
+  if (!now.reachable && was.reachable) {
+    toast("error", "arenafs: daemon not reachable", "models load from the NAS as without arenafs");
+  } else if (now.reachable && !was.reachable && last) {
+    toast("info", "arenafs: daemon reachable again", "");
+  }
+  if (now.offline && !was.offline) {
+    toast("warn", "arenafs: NAS offline", "complete copies are served; other models fail to load until it is back");
+  } else if (!now.offline && was.offline && now.reachable) {
+    toast("info", "arenafs: NAS back online", "");
+  }
+  last = now;
+}
+
 function show(progress) {
+  announce(progress);
   const el = badge();
   const state = el.querySelector("#arenafs-state");
   const jobs = el.querySelector("#arenafs-jobs");
@@ -135,6 +157,23 @@ async function dryRun() {
   }
 }
 
+const FALLBACK_MS = 15000;
+
+// The badge from the package's status route (page load, and when no event came for a while).
+async function refresh() {
+  try {
+    const st = await (await api.fetchApi("/arenafs/status")).json();
+    if (st.reachable) {
+      const d = st.daemon;
+      show({ reachable: true, cache_state: d.cache_state, offline: d.offline, jobs: d.jobs || [] });
+    } else {
+      show({ reachable: false, jobs: [] });
+    }
+  } catch (e) {
+    // ComfyUI's own server is not answering: say nothing of arenafs.
+  }
+}
+
 app.registerExtension({
   name: "arenafs.AutoCache",
   settings: [
@@ -152,25 +191,25 @@ app.registerExtension({
   ],
   async setup() {
     badge();
-    api.addEventListener("arenafs.progress", ({ detail }) => show(detail));
+    api.addEventListener("arenafs.progress", ({ detail }) => {
+      lastEventAt = Date.now();
+      show(detail);
+    });
     api.addEventListener("arenafs.event", ({ detail }) => {
-      if (detail.kind === "error") {
-        const what = { UNREACHABLE: "daemon not reachable", BUDGET_EXCEEDED: "budget exceeded" }[detail.code] || detail.code;
+      if (detail.kind === "error" && detail.code === "UNREACHABLE") {
+        show({ reachable: false, jobs: [] }); // toasts unless the badge knew already
+      } else if (detail.kind === "error") {
+        const what = { BUDGET_EXCEEDED: "budget exceeded" }[detail.code] || detail.code;
         toast("error", `arenafs: ${what}`, detail.message || "");
       }
     });
     const answer = await pull();
-    try {
-      const st = await (await api.fetchApi("/arenafs/status")).json();
-      if (st.reachable) {
-        const d = st.daemon;
-        show({ reachable: true, cache_state: d.cache_state, offline: d.offline, jobs: d.jobs || [] });
-      } else {
-        show({ reachable: false, jobs: [] });
-      }
-    } catch (e) {
-      show({ reachable: false, jobs: [] });
-    }
+    await refresh();
+    // The websocket's events are the fast path; should they stop (a proxy that drops the
+    // websocket, a Desktop build that reconnects it), the badge asks the server itself.
+    setInterval(() => {
+      if (Date.now() - lastEventAt > FALLBACK_MS && document.visibilityState !== "hidden") refresh();
+    }, FALLBACK_MS);
     if (answer && answer.status !== "success" && answer.code !== "UNREACHABLE") {
       console.warn("arenafs settings:", answer.code, answer.message);
     }

@@ -925,6 +925,10 @@ pub struct WorkflowQuery {
     pub action: Option<String>,
     /// Whose required set a prefetch makes (see `/arena/autopatch`).
     pub client_id: Option<String>,
+    /// The prefetch strategy for this request's copies (the override node's): with
+    /// `prefetch_allowlist` the allow-list's files join the prompt's models; `lazy` (or none)
+    /// asks for the prompt's models only.
+    pub prefetch_strategy: Option<String>,
 }
 
 /// Fills in what the cache holds and what a prefetch would copy (blocking).
@@ -979,6 +983,30 @@ fn cache_facts(s: &Shared, report: &mut WorkflowReport) {
     report.total(true);
 }
 
+/// The allow-list's files as required-set entries (blocking: it resolves them on the NAS), and
+/// how many there are in `count`. A missing or unreadable allow-list is a clear error: the
+/// request asked for it.
+fn allowlist_named(s: &Shared, count: &mut Option<usize>) -> Result<Vec<Named>, ApiError> {
+    let path = s.live.settings().prefetch_allowlist.clone();
+    let refs = crate::reload::read_allowlist(path.as_deref()).map_err(|e| {
+        ApiError::new(
+            StatusCode::CONFLICT,
+            "NO_ALLOWLIST",
+            format!("prefetch_allowlist asked for, but {e}"),
+        )
+    })?;
+    let named: Vec<Named> = refs
+        .into_iter()
+        .map(|r| Named {
+            path: r.resolve(&s.nas),
+            category: r.category,
+            filename: r.filename,
+        })
+        .collect();
+    *count = Some(named.len());
+    Ok(named)
+}
+
 pub(super) async fn workflow(
     State(s): State<Shared>,
     query: Result<Query<WorkflowQuery>, axum::extract::rejection::QueryRejection>,
@@ -986,6 +1014,15 @@ pub(super) async fn workflow(
 ) -> Result<Json<Value>, ApiError> {
     let Query(mut q) = query.map_err(|e| ApiError::bad_request(e.body_text()))?;
     let client = check_client(q.client_id.take().as_deref())?.map(str::to_owned);
+    let with_allowlist = match q.prefetch_strategy.take().as_deref() {
+        None | Some("lazy") => false,
+        Some("prefetch_allowlist") => true,
+        Some(other) => {
+            return Err(ApiError::bad_request(format!(
+                "unknown prefetch_strategy {other:?}: use \"lazy\" or \"prefetch_allowlist\""
+            )));
+        }
+    };
     let bad =
         |e: WorkflowError| ApiError::new(StatusCode::BAD_REQUEST, "BAD_WORKFLOW", e.to_string());
     // Parsing up to 64 MiB and resolving take a while: on the blocking pool, so that `status`
@@ -1038,8 +1075,9 @@ pub(super) async fn workflow(
         let sh = &sh;
         let mut report = locate(resolution, Some(&sh.nas));
         let mut planned = None;
+        let mut allowlist = None;
         if prefetch {
-            let named: Vec<Named> = report
+            let mut named: Vec<Named> = report
                 .models
                 .iter()
                 .filter(|m| m.model.status == ModelStatus::Exec)
@@ -1051,6 +1089,9 @@ pub(super) async fn workflow(
                     })
                 })
                 .collect();
+            if with_allowlist {
+                named.extend(allowlist_named(sh, &mut allowlist)?);
+            }
             planned = Some(start_required(sh, named, client.as_deref())?);
         }
         cache_facts(sh, &mut report);
@@ -1066,6 +1107,9 @@ pub(super) async fn workflow(
                     .count()
             );
             answer["bytes_to_fetch"] = json!(planned.iter().map(Planned::to_fetch).sum::<u64>());
+        }
+        if let Some(added) = allowlist {
+            answer["allowlist"] = json!(added);
         }
         Ok(Json(answer))
     })

@@ -88,7 +88,8 @@ impl Vfs {
             && self.worker.is_required(rel)
             && !cf.queued.swap(true, Ordering::AcqRel)
         {
-            self.worker.enqueue(rel, Reason::Required);
+            self.worker
+                .enqueue(rel, Reason::Required, cf.identity().size);
         }
         if cacheable {
             let hit = matches!(found, Found::Complete(_));
@@ -580,7 +581,8 @@ impl Vfs {
             && self.live.settings().discovery == Discovery::WorkflowOnly
             && !cf.queued.swap(true, Ordering::AcqRel)
         {
-            self.worker.enqueue(cf.rel(), Reason::Loaded);
+            self.worker
+                .enqueue(cf.rel(), Reason::Loaded, cf.identity().size);
         }
     }
 

@@ -1,10 +1,13 @@
 // The arenafs panel in ComfyUI's real front end, driven in Debian's chromium (headless) as a
 // person uses it (tests/it/comfyui.rs): the Arena settings, the copy status badge, the dry run.
-//   node panel.mjs URL OUTDIR
+//   node panel.mjs URL OUTDIR           the settings, a dry run, a copy in progress
+//   node panel.mjs URL OUTDIR offline   prints READY once the page shows a reachable daemon,
+//                                       then waits for the badge and a toast to say the NAS is
+//                                       offline (the test takes the NAS away after READY)
 // Prints OK; screenshots go to OUTDIR.
 import { chromium } from "/var/tmp/arenafs-node/node_modules/playwright-core/index.mjs";
 
-const [url, outdir] = process.argv.slice(2);
+const [url, outdir, mode] = process.argv.slice(2);
 const fail = (msg) => { console.error(msg); process.exit(1); };
 
 // Closes the settings dialog (an open drop-down takes the first Escape).
@@ -29,6 +32,15 @@ try {
   await page.waitForFunction(() => /arenafs: red/.test(document.querySelector("#arenafs-state")?.textContent), null, { timeout: 30000 });
   // The first start shows the templates; close them.
   await closeDialogs(page);
+  if (mode === "offline") {
+    console.log("READY");
+    await page.waitForFunction(() => /NAS offline/.test(document.querySelector("#arenafs-state")?.textContent),
+      null, { timeout: 60000 });
+    await page.locator(".p-toast-message").filter({ hasText: "NAS offline" }).first().waitFor({ timeout: 10000 });
+    await page.screenshot({ path: `${outdir}/arena-offline.png` });
+    console.log("OK");
+    process.exit(0);
+  }
 
   // Settings -> Arena: the daemon's values are shown; a change reaches the daemon.
   await page.keyboard.press("Control+Comma");

@@ -5,6 +5,7 @@
 //! nodes answer from the daemon (tests/python/comfyui_e2e.py drives ComfyUI's HTTP API).
 
 use std::fs;
+use std::io::{BufRead, BufReader};
 use std::net::TcpListener;
 use std::os::unix::fs::symlink;
 use std::path::{Path, PathBuf};
@@ -149,7 +150,23 @@ fn a_queued_prompt_feeds_the_cache_and_the_nodes_answer() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let m = d.mount(&["min_size_mb=0"]);
+    // A file only the allow-list names, for the override node's prefetch strategy.
+    fs::create_dir_all(d.nas.join("loras")).unwrap();
+    fs::write(
+        d.nas.join("loras/extra.safetensors"),
+        random_bytes(3 << 20, 9),
+    )
+    .unwrap();
+    let allowlist = d.tmp.path().join("allowlist.txt");
+    fs::write(
+        &allowlist,
+        "# for prompts that ask for it\nloras/extra.safetensors\n",
+    )
+    .unwrap();
+    let m = d.mount(&[
+        "min_size_mb=0",
+        &format!("cache_prefetch_allowlist={}", allowlist.display()),
+    ]);
     let base = d.tmp.path().join("comfy");
     let server = launch(py, src, &base, Some(&m.mnt), &m.socket);
     let socket = m.socket.to_str().unwrap();
@@ -311,10 +328,41 @@ fn the_panel_in_a_real_browser() {
         "manual_only, then workflow_only again: {}",
         m.log()
     );
+
+    // The NAS goes away while the page is open: the badge and a toast say so.
+    let mut offline = Command::new("node")
+        .arg(PANEL)
+        .arg(&server.url)
+        .arg(&shots)
+        .arg("offline")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(offline.stdout.take().unwrap()).lines();
+    let ready = lines.next().and_then(Result::ok);
+    if ready.as_deref() == Some("READY") {
+        let st = Command::new("umount")
+            .arg("-l")
+            .arg(&s.nas.dir)
+            .status()
+            .unwrap();
+        assert!(st.success());
+    }
+    let rest: Vec<String> = lines.map_while(Result::ok).collect();
+    let out = offline.wait_with_output().unwrap();
+    assert!(
+        ready.as_deref() == Some("READY") && rest.last().map(String::as_str) == Some("OK"),
+        "panel.mjs offline: {ready:?} {rest:?}\n{}\n{}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        server.log(),
+        m.log()
+    );
     for shot in [
         "arena-settings.png",
         "arena-dryrun.png",
         "arena-progress.png",
+        "arena-offline.png",
     ] {
         assert!(
             shots.join(shot).metadata().unwrap().len() > 10_000,

@@ -288,3 +288,67 @@ fn the_workflow_endpoint_resolves_and_prefetches() {
         "{out}"
     );
 }
+
+/// `prefetch_strategy=prefetch_allowlist` (the override node's) adds the allow-list's files to
+/// that request's required set, and only to it; without an allow-list it is a clear refusal that
+/// changes nothing; `lazy` asks for the workflow's models only.
+#[test]
+fn a_prefetch_can_bring_the_allowlist_along() {
+    require_mount!();
+    let d = Dirs::new();
+    nas_files(&d);
+    let list = d.tmp.path().join("allow.txt");
+    fs::write(
+        &list,
+        "loras/unused.safetensors\n# gone\nvae/nowhere.safetensors\n",
+    )
+    .unwrap();
+    let err = |r: Result<Value, ClientError>| match r {
+        Err(ClientError::Api { status, code, .. }) => (status, code),
+        other => panic!("expected an error: {other:?}"),
+    };
+    let body = || Some(prompt().to_string().into_bytes());
+
+    // Without an allow-list configured, the request is refused and starts nothing.
+    let bare = d.mount(&["min_size_mb=0", "cache_cooldown_ms=0"]);
+    let target = "/arena/workflow?action=prefetch&client_id=a&prefetch_strategy=prefetch_allowlist";
+    assert_eq!(
+        err(client::call_bytes(&bare.socket, "POST", target, body())),
+        (409, "NO_ALLOWLIST".into())
+    );
+    assert_eq!(bare.status()["required_models_count"], 0);
+    assert_eq!(
+        err(client::call_bytes(
+            &bare.socket,
+            "POST",
+            "/arena/workflow?action=prefetch&prefetch_strategy=eager",
+            body()
+        )),
+        (400, "BAD_REQUEST".into())
+    );
+    drop(bare);
+
+    let allow = format!("cache_prefetch_allowlist={}", list.display());
+    let m = d.mount(&["min_size_mb=0", "cache_cooldown_ms=0", &allow]);
+    // The daemon's own strategy is lazy: nothing of the allow-list was queued at start.
+    assert_eq!(m.status()["jobs"], json!([]));
+    let r = client::call_bytes(&m.socket, "POST", target, body()).unwrap();
+    assert_eq!(r["allowlist"], 2);
+    m.wait_copies(4);
+    let st = m.status();
+    let a = &st["clients"]["a"];
+    // 4 of the workflow (one missing) + 2 of the allow-list (one missing).
+    assert_eq!(a["required_models"], 6, "{st}");
+    assert_eq!(a["found"], 4, "{st}");
+    assert_eq!(a["complete"], 4, "{st}");
+    assert_eq!(
+        fs::read(m.path("loras/unused.safetensors")).unwrap(),
+        random_bytes(2 * CHUNK as usize, 3)
+    );
+
+    // Lazy (or no strategy): the workflow's models only.
+    let lazy = "/arena/workflow?action=prefetch&client_id=b&prefetch_strategy=lazy";
+    let r = client::call_bytes(&m.socket, "POST", lazy, body()).unwrap();
+    assert!(r.get("allowlist").is_none(), "{r}");
+    assert_eq!(m.status()["clients"]["b"]["required_models"], 4);
+}

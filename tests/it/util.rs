@@ -402,7 +402,12 @@ impl Drop for LoopNas {
             "/sys/fs/cgroup/blkio/blkio.throttle.read_bps_device",
             format!("{} 0", self.majmin),
         );
-        let _ = Command::new("umount").arg("-l").arg(&self.dir).status();
+        // A test may have taken the NAS away already.
+        let _ = Command::new("umount")
+            .arg("-l")
+            .arg(&self.dir)
+            .stderr(std::process::Stdio::null())
+            .status();
         let _ = Command::new("losetup").arg("-d").arg(&self.dev).status();
         let _ = fs::remove_file(&self.image);
     }

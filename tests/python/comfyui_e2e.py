@@ -74,12 +74,23 @@ def upscale_prompt(image, model, prefix):
     }
 
 
-def run_prompt(url, prompt):
+def opens(stats):
+    """Files opened through the mount, by every route."""
+    return sum(v for k, v in stats.items() if k.startswith("opens_") and isinstance(v, int))
+
+
+def queue_prompt(url, prompt):
     r = http(f"{url}/prompt", {"prompt": prompt, "client_id": "arenafs-test"})
     if r.get("node_errors"):
         raise SystemExit(f"prompt refused: {r}")
-    pid = r["prompt_id"]
+    return r["prompt_id"]
 
+
+def run_prompt(url, prompt):
+    return wait_prompt(url, queue_prompt(url, prompt))
+
+
+def wait_prompt(url, pid):
     def done():
         h = http(f"{url}/history/{pid}")
         return h.get(pid) if h else None
@@ -110,8 +121,31 @@ def check(url, sock_path, base):
     def upscale(image, prefix):
         return upscale_prompt(image, "tiny.safetensors", prefix)
 
+    # The first prompt's image is a FIFO: ComfyUI hashes every LoadImage input (IS_CHANGED)
+    # before it runs any node of the prompt, so its executor waits on the FIFO, and the loader
+    # cannot run, until the test writes the image. Meanwhile the model must reach this instance's
+    # required set, with no file opened through the mount.
     before = daemon(sock_path, "GET", "/arena/stats")
-    out = run_prompt(url, upscale("arena1.png", "arena1"))
+    gate = os.path.join(base, "input", "gate.png")
+    os.mkfifo(gate)
+    pid = queue_prompt(url, upscale("gate.png", "arena1"))
+
+    def required():
+        c = daemon(sock_path, "GET", "/arena/status").get("clients", {}).get(cid)
+        return c if c and c["required_models"] == 1 else None
+
+    wait("the model in the required set", required, 60)
+    held = daemon(sock_path, "GET", "/arena/stats")
+    assert opens(held) == opens(before), ("a file was opened before the set was in place", before, held)
+    assert not http(f"{url}/history/{pid}"), "the prompt ran before the gate opened"
+    # Opening the FIFO for writing waits for the executor's read; the real image replaces the
+    # FIFO before the hash ends, so the loader node reads a regular PNG.
+    with open(gate, "wb") as w:
+        os.replace(os.path.join(base, "input", "arena1.png"), gate)
+        with open(gate, "rb") as f:
+            w.write(f.read())
+    out = wait_prompt(url, pid)
+    assert opens(daemon(sock_path, "GET", "/arena/stats")) > opens(held)
     img = out["4"]["images"][0]
     with Image.open(os.path.join(base, "output", img.get("subfolder", ""), img["filename"])) as im:
         assert im.size == (32, 32), im.size
@@ -148,6 +182,49 @@ def check(url, sock_path, base):
     text = out["1"]["text"][0]
     assert text.startswith("would remove 1 copies") and "upscale_models/tiny.safetensors" in text, text
     assert daemon(sock_path, "GET", "/arena/status")["cache_complete_entries"] == 1
+
+    # The override node, enabled, applies to its prompt's copies: with "prefetch_allowlist" the
+    # allow-list's file (loras/extra.safetensors) joins the prompt's model in this instance's set.
+    def with_override(prefix, discovery, prefetch):
+        p = upscale("arena2.png", prefix)
+        p["9"] = {"class_type": "ArenaAutoCache", "inputs": {
+            "use_workflow_overrides": True, "override_discovery_mode": discovery,
+            "override_prefetch_strategy": prefetch}}
+        return p
+
+    def events(kind):
+        return [e for e in http(f"{url}/arenafs/status")["events"] if e["kind"] == kind]
+
+    def settled():
+        return http(f"{url}/arenafs/status")["pending_prompts"] == 0
+
+    # Each part starts once the feeder has handled every prompt before it (one may wait out the
+    # cooldown), so that its last event is the part's own.
+    wait("the feeder to settle", settled, 60)
+    n_sent = len(events("sent"))
+    run_prompt(url, with_override("arena3", "inherit", "prefetch_allowlist"))
+    wait("the override's prompt sent", settled, 60)
+    assert len(events("sent")) == n_sent + 1 and events("sent")[-1]["allowlist"] == 1, events("sent")
+
+    def both():
+        c = daemon(sock_path, "GET", "/arena/status")["clients"][cid]
+        return c if c["required_models"] == 2 and c["complete"] == 2 else None
+
+    wait("the prompt's model and the allow-list copied", both, 60)
+    # Not enabled: the node changes nothing (the allow-list is not asked for again).
+    p = with_override("arena4", "inherit", "prefetch_allowlist")
+    p["9"]["inputs"]["use_workflow_overrides"] = False
+    n_sent = len(events("sent"))
+    run_prompt(url, p)
+    wait("the plain prompt sent", settled, 60)
+    assert len(events("sent")) == n_sent + 1 and events("sent")[-1]["allowlist"] == 0, events("sent")
+    # Discovery overridden to manual_only: the prompt is not sent.
+    n_skipped = len(events("skipped"))
+    run_prompt(url, with_override("arena5", "manual_only", "inherit"))
+    wait("the manual_only prompt handled", settled, 60)
+    skipped = events("skipped")[n_skipped:]
+    assert [e["reason"] for e in skipped] == ["discovery is manual_only"], skipped
+    assert not [e for e in http(f"{url}/arenafs/status")["events"] if e["kind"] == "error"], "feeder errors"
     print("OK")
 
 
