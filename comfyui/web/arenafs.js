@@ -146,11 +146,15 @@ async function dryRun() {
     const lines = a.models.filter((m) => m.status === "exec").map((m) => {
       const where = m.nas_path ? "on the NAS" : "not on the NAS";
       const cached = m.cache || "none";
-      return `${m.category}/${m.path}: ${where}, cached ${cached}, ${fmtBytes(m.size)}`;
+      const copy = m.copy ? `, ${fmtBytes(m.size - (m.cached_bytes || 0))} to copy`
+        : m.why === "budget_exceeded" ? ", over the byte budget" : "";
+      return `${m.category}/${m.path}: ${where}, cached ${cached}, ${fmtBytes(m.size)}${copy}`;
     });
     const t = a.totals || {};
+    const over = t.budget_remaining != null && t.bytes_to_copy > t.budget_remaining;
     lines.push(`to copy ${fmtBytes(t.bytes_to_copy)}` +
-      (t.budget_remaining == null ? "" : ` (budget left ${fmtBytes(t.budget_remaining)})`));
+      (t.budget_remaining == null ? " (no byte budget)"
+        : ` (budget left ${fmtBytes(t.budget_remaining)}${over ? ": over the budget, nothing would be queued" : ""})`));
     out.textContent = lines.join("\n");
   } catch (e) {
     out.textContent = String(e);

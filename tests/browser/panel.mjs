@@ -33,11 +33,22 @@ try {
   // The first start shows the templates; close them.
   await closeDialogs(page);
   if (mode === "offline") {
+    // A second page whose websocket never delivers a message (a proxy that drops it, a desktop
+    // build that keeps reconnecting): its badge must learn of the NAS by asking the server.
+    const deaf = await browser.newPage({ viewport: { width: 1400, height: 900 } });
+    let sockets = 0;
+    await deaf.routeWebSocket(/\/ws/, () => { sockets++; });
+    await deaf.goto(url);
+    await deaf.waitForFunction(() => /arenafs: red/.test(document.querySelector("#arenafs-state")?.textContent),
+      null, { timeout: 90000 });
+    if (sockets === 0) fail("the deaf page opened no websocket: nothing was held back");
     console.log("READY");
-    await page.waitForFunction(() => /NAS offline/.test(document.querySelector("#arenafs-state")?.textContent),
-      null, { timeout: 60000 });
-    await page.locator(".p-toast-message").filter({ hasText: "NAS offline" }).first().waitFor({ timeout: 10000 });
-    await page.screenshot({ path: `${outdir}/arena-offline.png` });
+    for (const [p, name] of [[page, "arena-offline.png"], [deaf, "arena-offline-no-websocket.png"]]) {
+      await p.waitForFunction(() => /NAS offline/.test(document.querySelector("#arenafs-state")?.textContent),
+        null, { timeout: 60000 });
+      await p.locator(".p-toast-message").filter({ hasText: "NAS offline" }).first().waitFor({ timeout: 10000 });
+      await p.screenshot({ path: `${outdir}/${name}` });
+    }
     console.log("OK");
     process.exit(0);
   }

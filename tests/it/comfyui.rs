@@ -363,6 +363,7 @@ fn the_panel_in_a_real_browser() {
         "arena-dryrun.png",
         "arena-progress.png",
         "arena-offline.png",
+        "arena-offline-no-websocket.png",
     ] {
         assert!(
             shots.join(shot).metadata().unwrap().len() > 10_000,
