@@ -37,6 +37,7 @@ pub mod policy;
 pub mod reload;
 pub mod source;
 pub mod stats;
+pub mod update;
 pub mod vfs;
 pub mod worker;
 pub mod workflow;

@@ -53,6 +53,7 @@ fn run(cli: Cli, args: &[String]) -> Result<()> {
         Command::Adopt(a) => cli::adopt::adopt(a),
         Command::Reload(t) => cli::status::reload(t),
         Command::Unmount { mountpoint } => cli::mount::unmount(&mountpoint),
+        Command::Update { command } => cli::update::update(command),
         Command::Config {
             command: ConfigCommand::Check { file },
         } => cli::config::check(file),

@@ -232,6 +232,8 @@ impl Nas {
     }
 
     /// Lists a directory: `(name, file type from d_type or lstat, d_ino)`, without `.` and `..`.
+    /// Lists directory `rel`, without `.`, `..` and the names arenafs keeps for itself
+    /// ([`is_reserved`]).
     pub fn read_dir(&self, rel: &Path) -> io::Result<Vec<(OsString, DirEntryKind, u64)>> {
         let fd = self.open_beneath(rel, OFlag::O_RDONLY | OFlag::O_DIRECTORY)?;
         let mut dir = nix::dir::Dir::from_fd(fd).map_err(io::Error::from)?;
@@ -239,7 +241,7 @@ impl Nas {
         for entry in dir.iter() {
             let entry = entry.map_err(io::Error::from)?;
             let name = OsStr::from_bytes(entry.file_name().to_bytes());
-            if name == "." || name == ".." {
+            if name == "." || name == ".." || is_reserved(name) {
                 continue;
             }
             let kind = entry.file_type().map(DirEntryKind::from_nix);
@@ -574,6 +576,17 @@ pub fn pread_full(file: &File, buf: &mut [u8], offset: u64) -> io::Result<usize>
     }
     Ok(done)
 }
+
+/// Names that arenafs keeps on the NAS for itself (`.arenafs-*`: the updater's staged downloads
+/// and old versions): never listed through the mount, never found by a lookup, never created
+/// through it, never copied.
+pub fn is_reserved(name: &OsStr) -> bool {
+    name.as_encoded_bytes()
+        .starts_with(RESERVED_PREFIX.as_bytes())
+}
+
+/// The prefix of [`is_reserved`] names.
+pub const RESERVED_PREFIX: &str = ".arenafs-";
 
 #[cfg(test)]
 mod tests {

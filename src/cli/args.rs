@@ -42,6 +42,12 @@ pub(crate) enum Command {
         /// The mount point.
         mountpoint: PathBuf,
     },
+    /// Keep tracked models (a manifest) up to date on the NAS from Hugging Face and CivitAI:
+    /// check, apply (download, verify, install), rollback, status.
+    Update {
+        #[command(subcommand)]
+        command: UpdateCommand,
+    },
     /// Work with the configuration.
     Config {
         #[command(subcommand)]
@@ -64,6 +70,39 @@ pub(crate) enum Command {
         #[arg(long)]
         entries: u64,
     },
+}
+
+#[derive(Subcommand, Debug)]
+pub(crate) enum UpdateCommand {
+    /// Ask the services what they offer, without downloading; say what is newer.
+    Check(UpdateArgs),
+    /// Download, verify and install what is newer (or what --dry-run says would be).
+    Apply {
+        #[command(flatten)]
+        args: UpdateArgs,
+        /// Say what would be downloaded, and change nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Put the previous version of each model back (a second rollback undoes the first).
+    Rollback(UpdateArgs),
+    /// What is installed, kept for rollback, and last checked.
+    Status(UpdateArgs),
+}
+
+#[derive(clap::Args, Debug)]
+pub(crate) struct UpdateArgs {
+    /// The models' ids [default: every model of the manifest].
+    pub(crate) ids: Vec<String>,
+    /// The manifest [default: $ARENA_UPDATE_MANIFEST].
+    #[arg(long)]
+    pub(crate) manifest: Option<PathBuf>,
+    /// The NAS directory to act on (no daemon needed).
+    #[arg(long)]
+    pub(crate) nas: PathBuf,
+    /// Print JSON.
+    #[arg(long)]
+    pub(crate) json: bool,
 }
 
 #[derive(Subcommand, Debug)]

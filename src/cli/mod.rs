@@ -10,6 +10,7 @@
 //! - [`progress`]: progress bars of running copies.
 //! - [`adopt`]: taking over the Arena AutoCache node's copies.
 //! - [`config`]: `config check`.
+//! - [`update`]: `update check|apply|rollback|status` (the model updater, [`arenafs::update`]).
 //! - [`assets`]: `gen-assets` (man pages, completions, example env file for packages).
 //! - [`bench`]: `gen-index` (synthetic index entries for the scale benchmark).
 
@@ -26,6 +27,7 @@ pub(crate) mod progress;
 pub(crate) mod resolve;
 pub(crate) mod status;
 pub(crate) mod trim;
+pub(crate) mod update;
 
 /// A mistake in the command line: exit code 2.
 #[derive(Debug, thiserror::Error)]

@@ -43,6 +43,9 @@ pub enum FsError {
     /// The handle does not allow this operation.
     #[error("operation not allowed on this handle")]
     WrongHandle,
+    /// A name arenafs keeps on the NAS for itself (`.arenafs-*`).
+    #[error("the name is reserved for arenafs")]
+    Reserved,
 }
 
 impl FsError {
@@ -57,6 +60,7 @@ impl FsError {
             FsError::Busy => libc::ETXTBSY,
             FsError::NotDir => libc::ENOTDIR,
             FsError::NotFound => libc::ENOENT,
+            FsError::Reserved => libc::EPERM,
             FsError::Identity(_) => libc::EPERM,
         }
     }

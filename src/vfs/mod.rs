@@ -406,6 +406,9 @@ impl Vfs {
 
     /// Looks `name` up in directory `parent`.
     pub fn lookup(&self, parent: u64, name: &OsStr) -> Result<Entry, FsError> {
+        if crate::source::is_reserved(name) {
+            return Ok(Entry::Negative);
+        }
         let rel = self.child_of(parent, name)?;
         match self.nas_stat(&rel) {
             Ok(st) => {
@@ -593,6 +596,9 @@ fn hold(attr: &mut Attr, held: Identity) {
 fn child(parent: &Path, name: &OsStr) -> Result<PathBuf, FsError> {
     if name.is_empty() || name == "." || name == ".." || name.as_encoded_bytes().contains(&b'/') {
         return Err(FsError::InvalidName);
+    }
+    if crate::source::is_reserved(name) {
+        return Err(FsError::Reserved);
     }
     Ok(parent.join(name))
 }

@@ -19,5 +19,6 @@ mod lifecycle;
 mod offline;
 mod package;
 mod policy;
+mod update;
 mod util;
 mod write;
