@@ -93,6 +93,18 @@ keys! {
         "What makes a cache copy still the NAS file's: size_mtime_ino (size, mtime in ns and inode number), size_mtime (for NAS mounts without stable inode numbers, e.g. SMB with noserverino) or size_mtime_ino_ctime (also the change time: catches rewrites that restore the mtime, drops copies on any metadata change). Read at mount. Files modified less than 2 s ago are read from the NAS, not copied.";
     "ARENA_CACHE_STABLE_SECS", "cache_stable_secs", ["stable_secs"], "2", "3",
         "A file modified less than this many seconds ago is read from the NAS, not copied: NAS timestamps can be coarse (1 s on SMB, 2 s on FAT-backed shares), and a file rewritten within one tick would keep its identity with other bytes. 0 for a NAS with nanosecond timestamps.";
+    "ARENA_UPDATE_MANIFEST", "update_manifest", [], "", "/etc/arenafs/models.toml",
+        "The model updater's manifest of tracked models (TOML; docs/updater.md). With it the daemon serves /arena/update/* and, with ARENA_UPDATE_WINDOW, checks and installs updates on its own.";
+    "ARENA_UPDATE_WINDOW", "update_window", [], "", "Mon-Fri 02:00-05:00",
+        "When the daemon checks and installs updates of the manifest's models by itself (local time; several windows separated by ';'). Unset: only when asked (arenafs update, /arena/update/*).";
+    "ARENA_HF_ENDPOINT", "hf_endpoint", [], "$HF_ENDPOINT, else https://huggingface.co", "http://127.0.0.1:8080",
+        "The Hugging Face Hub's base URL for the updater; unset, the HF_ENDPOINT variable that Hugging Face's own tools read.";
+    "ARENA_CIVITAI_ENDPOINT", "civitai_endpoint", [], "https://civitai.com", "http://127.0.0.1:8080",
+        "CivitAI's base URL for the updater.";
+    "ARENA_HF_TOKEN_FILE", "hf_token_file", [], "", "/etc/arenafs/hf_token",
+        "A file holding the Hugging Face token (mode 0600 or stricter), when HF_TOKEN is not set. Sent only to the Hub's own host.";
+    "ARENA_CIVITAI_TOKEN_FILE", "civitai_token_file", [], "", "/etc/arenafs/civitai_token",
+        "A file holding the CivitAI API key (mode 0600 or stricter), when CIVITAI_TOKEN is not set. Sent only to CivitAI's own host.";
     "ARENA_CACHE_MIN_FREE_GB", "cache_min_free_gb", [], "5% of the cache file system", "50",
         "Free space (GB, 10^9 bytes) always left on the cache file system; copies stop and old copies are evicted to keep it.";
 }
@@ -212,6 +224,18 @@ pub struct Settings {
     pub pin: Vec<String>,
     /// Prefetch allow-list file.
     pub prefetch_allowlist: Option<PathBuf>,
+    /// The updater's manifest.
+    pub update_manifest: Option<PathBuf>,
+    /// The updater's windows, as written (checked when read).
+    pub update_window: Option<String>,
+    /// The Hub's base URL for the updater.
+    pub hf_endpoint: Option<String>,
+    /// CivitAI's base URL for the updater.
+    pub civitai_endpoint: Option<String>,
+    /// Token files of the updater.
+    pub hf_token_file: Option<PathBuf>,
+    /// Token files of the updater.
+    pub civitai_token_file: Option<PathBuf>,
     /// Free-space reserve in bytes; `None` = 5 % of the cache file system.
     pub min_free: Option<u64>,
     /// What makes a copy still the NAS file's (read at mount).
@@ -253,6 +277,12 @@ impl Default for Settings {
             exclude: Vec::new(),
             pin: Vec::new(),
             prefetch_allowlist: None,
+            update_manifest: None,
+            update_window: None,
+            hf_endpoint: None,
+            civitai_endpoint: None,
+            hf_token_file: None,
+            civitai_token_file: None,
             min_free: None,
             identity: crate::source::IdentityRule::SizeMtimeIno,
             stable_after: Duration::from_secs(2),
@@ -587,6 +617,21 @@ impl Builder {
             "ARENA_CACHE_PIN" => s.pin = globs(v)?,
             "ARENA_CACHE_PREFETCH_ALLOWLIST" => s.prefetch_allowlist = Some(path(v)?),
             "ARENA_CACHE_MIN_FREE_GB" => s.min_free = Some(gb(v)?),
+            "ARENA_UPDATE_MANIFEST" => s.update_manifest = Some(path(v)?),
+            "ARENA_UPDATE_WINDOW" => {
+                crate::update::window::Windows::parse(v)?;
+                s.update_window = Some(v.to_string());
+            }
+            "ARENA_HF_ENDPOINT" => {
+                crate::update::http::Service::new("huggingface", v, None)?;
+                s.hf_endpoint = Some(v.trim_end_matches('/').to_string());
+            }
+            "ARENA_CIVITAI_ENDPOINT" => {
+                crate::update::http::Service::new("civitai", v, None)?;
+                s.civitai_endpoint = Some(v.trim_end_matches('/').to_string());
+            }
+            "ARENA_HF_TOKEN_FILE" => s.hf_token_file = Some(path(v)?),
+            "ARENA_CIVITAI_TOKEN_FILE" => s.civitai_token_file = Some(path(v)?),
             other => unreachable!("key {other} has no parser"),
         }
         Ok(())
@@ -949,6 +994,17 @@ pub fn display_value(s: &Settings, env: &str) -> String {
         "ARENA_CACHE_EXCLUDE" => s.exclude.join(","),
         "ARENA_CACHE_PIN" => s.pin.join(","),
         "ARENA_CACHE_PREFETCH_ALLOWLIST" => opt_path(&s.prefetch_allowlist),
+        "ARENA_UPDATE_MANIFEST" => opt_path(&s.update_manifest),
+        "ARENA_UPDATE_WINDOW" => s.update_window.clone().unwrap_or_default(),
+        "ARENA_HF_ENDPOINT" => s.hf_endpoint.clone().unwrap_or_else(|| {
+            std::env::var("HF_ENDPOINT").unwrap_or_else(|_| "https://huggingface.co".into())
+        }),
+        "ARENA_CIVITAI_ENDPOINT" => s
+            .civitai_endpoint
+            .clone()
+            .unwrap_or_else(|| "https://civitai.com".into()),
+        "ARENA_HF_TOKEN_FILE" => opt_path(&s.hf_token_file),
+        "ARENA_CIVITAI_TOKEN_FILE" => opt_path(&s.civitai_token_file),
         "ARENA_CACHE_MIN_FREE_GB" => match s.min_free {
             Some(v) => format!("{}", v as f64 / 1e9),
             None => "5% of the cache file system".into(),

@@ -237,6 +237,9 @@ pub fn format_status(st: &Value) -> String {
             set_line(&mut o, &format!("  client {id}"), ap);
         }
     }
+    if st["update"].is_object() {
+        let _ = writeln!(o, "updates      {}", update_summary(&st["update"]));
+    }
     let stats = &st["stats"];
     let hits = u(&stats["opens_passthrough"]) + u(&stats["opens_ssd"]);
     let _ = writeln!(
@@ -476,6 +479,84 @@ pub fn format_workflow(r: &Value) -> String {
     }
     for w in r["warnings"].as_array().into_iter().flatten() {
         let _ = writeln!(o, "warning: {}", s(w));
+    }
+    o
+}
+
+/// One line on the updater: what runs, what is available, the window.
+fn update_summary(up: &Value) -> String {
+    let window = match up["window"].as_str() {
+        Some(w) => format!(
+            "window {w} ({})",
+            if up["window_open"] == true {
+                "open"
+            } else {
+                "closed"
+            }
+        ),
+        None => "no window: on demand only".into(),
+    };
+    let running = if up["running"].is_object() {
+        format!("{} running", s(&up["running"]["kind"]))
+    } else {
+        "idle".into()
+    };
+    let available: Vec<&str> = up["available"]
+        .as_array()
+        .map(|a| a.iter().filter_map(Value::as_str).collect())
+        .unwrap_or_default();
+    format!(
+        "{running}; {}; {window}; {} downloaded",
+        if available.is_empty() {
+            "no update known to be available".to_string()
+        } else {
+            format!("available: {}", available.join(", "))
+        },
+        human_bytes(u(&up["downloaded_bytes"]))
+    )
+}
+
+/// `arenafs update status -m MOUNTPOINT` (the daemon's `/arena/update/status`).
+pub fn format_update(up: &Value) -> String {
+    let mut o = String::new();
+    let _ = writeln!(o, "manifest     {}", s(&up["manifest"]));
+    let _ = writeln!(o, "updates      {}", update_summary(up));
+    for m in up["running"]["models"].as_array().into_iter().flatten() {
+        let total = m["total_bytes"].as_u64();
+        let _ = writeln!(
+            o,
+            "  {} {} {}{}",
+            s(&m["id"]),
+            s(&m["state"]),
+            human_bytes(u(&m["done_bytes"])),
+            total
+                .map(|t| format!(" of {}", human_bytes(t)))
+                .unwrap_or_default()
+        );
+    }
+    if up["last"].is_object() {
+        let _ = writeln!(
+            o,
+            "last run     {}{} (run {})",
+            s(&up["last"]["kind"]),
+            if up["last"]["scheduled"] == true {
+                ", scheduled"
+            } else {
+                ""
+            },
+            u(&up["last"]["run"])
+        );
+        for r in up["last"]["outcomes"].as_array().into_iter().flatten() {
+            let why = r["error"]
+                .as_str()
+                .map(|e| format!(": {e}"))
+                .unwrap_or_default();
+            let _ = writeln!(o, "  {} {}{why}", s(&r["id"]), s(&r["action"]));
+        }
+    }
+    if let Some(f) = up["failures"].as_object().filter(|f| !f.is_empty()) {
+        let list: Vec<String> = f.iter().map(|(k, v)| format!("{k} {v}")).collect();
+        let _ = writeln!(o, "failures     {}", list.join(", "));
     }
     o
 }

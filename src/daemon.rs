@@ -214,6 +214,16 @@ pub fn run(
         worker.clone(),
         nas.clone(),
     )));
+    let update = {
+        let vfs = vfs.clone();
+        Arc::new(crate::update::service::UpdateService::new(
+            nas_dir,
+            live.clone(),
+            worker.clone(),
+            Box::new(move |rel| vfs.is_open(rel)),
+        ))
+    };
+    update.schedule();
     let listen = control::Listen {
         socket: socket.clone(),
         socket_group: cfg.socket_group.clone(),
@@ -241,6 +251,7 @@ pub fn run(
             health: health.clone(),
             nas_io: nas_io.clone(),
             nas_timeout: cfg.nas_timeout,
+            update: update.clone(),
         },
     );
     let server = match server {

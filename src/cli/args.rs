@@ -97,12 +97,19 @@ pub(crate) struct UpdateArgs {
     /// The manifest [default: $ARENA_UPDATE_MANIFEST].
     #[arg(long)]
     pub(crate) manifest: Option<PathBuf>,
-    /// The NAS directory to act on (no daemon needed).
-    #[arg(long)]
-    pub(crate) nas: PathBuf,
+    /// The NAS directory to act on, without a daemon [default: through the daemon of the
+    /// mount (-m), with its manifest and settings].
+    #[arg(long, conflicts_with_all = ["mountpoint", "socket"])]
+    pub(crate) nas: Option<PathBuf>,
+    #[command(flatten)]
+    pub(crate) target: Target,
     /// Print JSON.
     #[arg(long)]
     pub(crate) json: bool,
+    /// Through the daemon: wait for an apply to end, with a progress bar (check and rollback
+    /// always wait).
+    #[arg(long)]
+    pub(crate) wait: bool,
 }
 
 #[derive(Subcommand, Debug)]

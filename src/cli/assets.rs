@@ -180,9 +180,15 @@ fn env_example() -> String {
             } else {
                 k.default
             };
+            // A value with spaces is quoted, as env files need it.
+            let example = if k.example.contains(' ') {
+                format!("\"{}\"", k.example)
+            } else {
+                k.example.to_string()
+            };
             out.push_str(&format!(
-                "# -o {opts}; default: {default}; for example:\n#{}={}\n",
-                k.env, k.example
+                "# -o {opts}; default: {default}; for example:\n#{}={example}\n",
+                k.env
             ));
         }
     }

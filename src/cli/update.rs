@@ -1,101 +1,90 @@
-//! `arenafs update check|apply|rollback|status`: the model updater on a NAS directory.
+//! `arenafs update check|apply|rollback|status`: the model updater, on a NAS directory
+//! (`--nas DIR`, no daemon needed) or through the daemon of a mount (`-m MOUNTPOINT`).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use anyhow::{Result, bail};
-use indicatif::{ProgressBar, ProgressStyle};
+use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
+use serde_json::{Value, json};
 
 use super::UsageError;
 use super::args::{UpdateArgs, UpdateCommand};
+use super::control::call;
 use arenafs::update::manifest::Manifest;
-use arenafs::update::{Outcome, Settings, Updater};
-
-fn manifest_path(given: &Option<PathBuf>) -> Result<PathBuf> {
-    match given {
-        Some(p) => Ok(p.clone()),
-        None => match std::env::var_os("ARENA_UPDATE_MANIFEST").filter(|v| !v.is_empty()) {
-            Some(p) => Ok(PathBuf::from(p)),
-            None => Err(UsageError(
-                "no manifest: give --manifest FILE or set ARENA_UPDATE_MANIFEST".into(),
-            )
-            .into()),
-        },
-    }
-}
+use arenafs::update::{Settings, Updater};
 
 fn short(v: &str) -> &str {
     &v[..v.len().min(12)]
 }
 
-fn line(o: &Outcome) -> String {
-    let installed = o
-        .installed
-        .as_ref()
-        .map(|v| short(&v.version).to_string())
-        .unwrap_or_else(|| "none".into());
-    let offered = o
-        .offered
-        .as_ref()
-        .map(|r| short(&r.version).to_string())
-        .unwrap_or_default();
-    match o.action {
-        "failed" => format!(
-            "{}: FAILED ({}): {}",
-            o.id,
-            o.reason.unwrap_or("error"),
-            o.error.as_deref().unwrap_or("")
-        ),
-        "available" => format!(
-            "{}: update available: {installed} -> {offered} ({})",
-            o.id, o.target
-        ),
-        "up_to_date" => format!("{}: up to date ({installed})", o.id),
+fn bar() -> ProgressBar {
+    let b = ProgressBar::new(0);
+    b.set_style(
+        ProgressStyle::with_template(
+            "{msg} {bar:30} {bytes}/{total_bytes} {bytes_per_sec} ETA {eta}",
+        )
+        .expect("valid template"),
+    );
+    b
+}
+
+/// One line for an outcome (the JSON of [`arenafs::update::Outcome`]).
+fn line(o: &Value) -> String {
+    let s = |k: &str| o[k].as_str().unwrap_or("");
+    let id = s("id");
+    let target = s("target");
+    let installed = o["installed"]["version"]
+        .as_str()
+        .map(short)
+        .unwrap_or("none");
+    let offered = o["offered"]["version"].as_str().map(short).unwrap_or("");
+    match s("action") {
+        "failed" => format!("{id}: FAILED ({}): {}", s("reason"), s("error")),
+        "available" => format!("{id}: update available: {installed} -> {offered} ({target})"),
+        "up_to_date" => format!("{id}: up to date ({installed})"),
         "installed" => format!(
-            "{}: installed {offered} at {} ({} bytes downloaded{})",
-            o.id,
-            o.target,
-            o.fetched_bytes,
-            if o.verified == Some(true) {
+            "{id}: installed {offered} at {target} ({} bytes downloaded{})",
+            o["fetched_bytes"],
+            if o["verified"] == true {
                 ", sha256 verified"
             } else {
                 ", no sha256 to verify against"
             }
         ),
-        "adopted" => format!(
-            "{}: the file at {} is {offered} already; recorded",
-            o.id, o.target
-        ),
+        "adopted" => format!("{id}: the file at {target} is {offered} already; recorded"),
         "would_install" => format!(
-            "{}: would install {offered} at {} ({} bytes)",
-            o.id,
-            o.target,
-            o.offered
-                .as_ref()
-                .and_then(|r| r.size)
+            "{id}: would install {offered} at {target} ({} bytes)",
+            o["offered"]["size"]
+                .as_u64()
                 .map(|s| s.to_string())
                 .unwrap_or_else(|| "?".into())
         ),
-        "rolled_back" => format!("{}: rolled back to {installed} at {}", o.id, o.target),
+        "rolled_back" => format!("{id}: rolled back to {installed} at {target}"),
         _ => {
-            let state = o.state.clone().unwrap_or_default();
-            let kept: Vec<&str> = state
-                .history
-                .iter()
-                .map(|k| short(&k.what.version))
-                .collect();
-            let check = match &state.last_check {
-                Some(c) if c.error.is_some() => "last check failed".to_string(),
-                Some(c) if c.available => format!(
+            let kept: Vec<&str> = o["state"]["history"]
+                .as_array()
+                .map(|h| {
+                    h.iter()
+                        .filter_map(|k| k["version"].as_str().map(short))
+                        .collect()
+                })
+                .unwrap_or_default();
+            let c = &o["state"]["last_check"];
+            let check = if c.is_null() {
+                "never checked".to_string()
+            } else if !c["error"].is_null() {
+                "last check failed".into()
+            } else if c["available"] == true {
+                format!(
                     "update available ({})",
-                    c.version.as_deref().map(short).unwrap_or("")
-                ),
-                Some(_) => "up to date at the last check".into(),
-                None => "never checked".into(),
+                    c["version"].as_str().map(short).unwrap_or("")
+                )
+            } else {
+                "up to date at the last check".into()
             };
             format!(
-                "{}: {} installed {installed}; kept {}; {check}",
-                o.id,
-                o.target,
+                "{id}: {target} installed {installed}; kept {}; {check}",
                 if kept.is_empty() {
                     "none".into()
                 } else {
@@ -106,6 +95,21 @@ fn line(o: &Outcome) -> String {
     }
 }
 
+fn finish(outcomes: &[Value], json: bool) -> Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(outcomes)?);
+    } else {
+        for o in outcomes {
+            println!("{}", line(o));
+        }
+    }
+    let failed = outcomes.iter().filter(|o| o["action"] == "failed").count();
+    if failed > 0 {
+        bail!("{failed} of {} models failed", outcomes.len());
+    }
+    Ok(())
+}
+
 /// `arenafs update ...`.
 pub(crate) fn update(command: UpdateCommand) -> Result<()> {
     let (args, what, dry_run) = match command {
@@ -114,39 +118,52 @@ pub(crate) fn update(command: UpdateCommand) -> Result<()> {
         UpdateCommand::Rollback(a) => (a, "rollback", false),
         UpdateCommand::Status(a) => (a, "status", false),
     };
-    let UpdateArgs {
-        ids,
-        manifest,
-        nas,
-        json,
-    } = args;
-    let path = manifest_path(&manifest)?;
+    match &args.nas {
+        Some(nas) => on_nas(nas, what, dry_run, &args),
+        None => {
+            if args.manifest.is_some() {
+                return Err(UsageError(
+                    "through the daemon, its own manifest is used (ARENA_UPDATE_MANIFEST); --manifest goes with --nas".into(),
+                )
+                .into());
+            }
+            let socket = args.target.socket()?;
+            via_daemon(&socket, what, dry_run, &args)
+        }
+    }
+}
+
+fn on_nas(nas: &Path, what: &str, dry_run: bool, args: &UpdateArgs) -> Result<()> {
+    let loaded = arenafs::config::load(&arenafs::config::Inputs::from_process(None, Vec::new()))?;
+    let path: PathBuf = match (&args.manifest, &loaded.settings.update_manifest) {
+        (Some(p), _) | (None, Some(p)) => p.clone(),
+        (None, None) => {
+            return Err(UsageError(
+                "no manifest: give --manifest FILE or set ARENA_UPDATE_MANIFEST (environment or env file)".into(),
+            )
+            .into());
+        }
+    };
     let manifest = Manifest::load(&path).map_err(|e| UsageError(e.to_string()))?;
-    let models = manifest.select(&ids).map_err(UsageError)?;
+    let models = manifest.select(&args.ids).map_err(UsageError)?;
     if !nas.is_dir() {
         return Err(UsageError(format!("--nas {}: not a directory", nas.display())).into());
     }
-    let settings = Settings::from_env().map_err(UsageError)?;
-    let updater = Updater::new(&nas, settings).map_err(UsageError)?;
+    let settings = Settings::resolve(&loaded.settings).map_err(UsageError)?;
+    let updater = Updater::new(nas, settings).map_err(UsageError)?;
+    let shown = !args.json && std::io::IsTerminal::is_terminal(&std::io::stderr());
     let mut outcomes = Vec::new();
     for model in models {
         let outcome = match what {
             "check" => updater.check(model),
             "apply" => {
-                let bar =
-                    (!json && std::io::IsTerminal::is_terminal(&std::io::stderr())).then(|| {
-                        let b = ProgressBar::new(0);
-                        b.set_style(
-                            ProgressStyle::with_template(
-                                "{msg} {bar:30} {bytes}/{total_bytes} {bytes_per_sec} ETA {eta}",
-                            )
-                            .expect("valid template"),
-                        );
-                        b.set_message(model.id.clone());
-                        b
-                    });
+                let b = shown.then(|| {
+                    let b = bar();
+                    b.set_message(model.id.clone());
+                    b
+                });
                 let mut progress = |done: u64, total: Option<u64>| {
-                    if let Some(b) = &bar {
+                    if let Some(b) = &b {
                         if let Some(t) = total {
                             b.set_length(t);
                         }
@@ -154,7 +171,7 @@ pub(crate) fn update(command: UpdateCommand) -> Result<()> {
                     }
                 };
                 let o = updater.apply(model, dry_run, &mut progress);
-                if let Some(b) = bar {
+                if let Some(b) = b {
                     b.finish_and_clear();
                 }
                 o
@@ -162,17 +179,80 @@ pub(crate) fn update(command: UpdateCommand) -> Result<()> {
             "rollback" => updater.rollback(model),
             _ => updater.status(model),
         };
-        if !json {
-            println!("{}", line(&outcome));
+        let v = serde_json::to_value(&outcome)?;
+        if !args.json {
+            println!("{}", line(&v));
         }
-        outcomes.push(outcome);
+        outcomes.push(v);
     }
-    if json {
+    if args.json {
         println!("{}", serde_json::to_string_pretty(&outcomes)?);
     }
-    let failed = outcomes.iter().filter(|o| o.action == "failed").count();
+    let failed = outcomes.iter().filter(|o| o["action"] == "failed").count();
     if failed > 0 {
         bail!("{failed} of {} models failed", outcomes.len());
     }
     Ok(())
+}
+
+fn via_daemon(socket: &Path, what: &str, dry_run: bool, args: &UpdateArgs) -> Result<()> {
+    let status = call(socket, "GET", "/arena/update/status", None)?;
+    if what == "status" {
+        if args.json {
+            println!("{}", serde_json::to_string_pretty(&status)?);
+            return Ok(());
+        }
+        print!("{}", arenafs::ctl::format_update(&status));
+        return Ok(());
+    }
+    let before = status["last"]["run"].as_u64().unwrap_or(0);
+    let body = json!({"ids": args.ids, "dry_run": dry_run});
+    let started = call(
+        socket,
+        "POST",
+        &format!("/arena/update/{what}"),
+        Some(&body),
+    )?;
+    if what == "apply" && !args.wait {
+        if args.json {
+            println!("{}", serde_json::to_string_pretty(&started)?);
+        } else {
+            println!(
+                "update apply started ({} models); follow it with `arenafs update status` or `arenafs status --watch`",
+                started["started"]["models"].as_array().map_or(0, Vec::len)
+            );
+        }
+        return Ok(());
+    }
+    let shown = !args.json && std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let multi = MultiProgress::new();
+    let mut bars: std::collections::HashMap<String, ProgressBar> = Default::default();
+    loop {
+        let st = call(socket, "GET", "/arena/update/status", None)?;
+        if st["running"].is_null() && st["last"]["run"].as_u64().unwrap_or(0) > before {
+            for b in bars.values() {
+                b.finish_and_clear();
+            }
+            let outcomes = st["last"]["outcomes"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default();
+            return finish(&outcomes, args.json);
+        }
+        if shown {
+            for m in st["running"]["models"].as_array().into_iter().flatten() {
+                let id = m["id"].as_str().unwrap_or("").to_string();
+                if m["state"] != "downloading" && !bars.contains_key(&id) {
+                    continue;
+                }
+                let b = bars.entry(id.clone()).or_insert_with(|| multi.add(bar()));
+                b.set_message(format!("{id} {}", m["state"].as_str().unwrap_or("")));
+                if let Some(t) = m["total_bytes"].as_u64() {
+                    b.set_length(t);
+                }
+                b.set_position(m["done_bytes"].as_u64().unwrap_or(0));
+            }
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
 }

@@ -460,6 +460,9 @@ pub struct Status {
     pub queue_length: usize,
     /// Counters since start.
     pub stats: StatsSnapshot,
+    /// The model updater (with a manifest configured).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub update: Option<crate::update::service::Status>,
 }
 
 pub(super) async fn status(State(s): State<Shared>) -> Result<Json<Status>, ApiError> {
@@ -516,6 +519,7 @@ pub(super) async fn status(State(s): State<Shared>) -> Result<Json<Status>, ApiE
         jobs: s.worker.jobs(),
         queue_length: s.worker.queue_len(),
         stats,
+        update: Some(s.update.status()).filter(|u| u.manifest.is_some()),
     }))
 }
 

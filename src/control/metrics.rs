@@ -338,7 +338,9 @@ pub fn render(s: &Shared, nas_up: bool) -> String {
             ("nas", lat.nas.snapshot()),
         ],
     );
-    t.0
+    let mut out = t.0;
+    s.update.metrics(&mut out);
+    out
 }
 
 pub(super) async fn metrics(State(s): State<Shared>) -> impl IntoResponse {

@@ -21,6 +21,7 @@ pub mod client;
 pub mod error;
 pub mod metrics;
 mod serve;
+pub mod update;
 
 use crate::cache::Cache;
 use crate::config::Live;
@@ -71,6 +72,8 @@ pub struct Shared {
     pub nas_io: Arc<crate::vfs::nasio::NasIo>,
     /// The deadline of a NAS call (`nas_timeout`).
     pub nas_timeout: std::time::Duration,
+    /// The model updater.
+    pub update: Arc<crate::update::service::UpdateService>,
 }
 
 /// The router of the control API.
@@ -89,6 +92,10 @@ pub fn router(shared: Shared) -> Router {
         .route("/arena/prefetch", post(api::prefetch))
         .route("/arena/trim", post(api::trim))
         .route("/arena/reload", post(api::reload))
+        .route("/arena/update/check", post(update::check))
+        .route("/arena/update/apply", post(update::apply))
+        .route("/arena/update/rollback", post(update::rollback))
+        .route("/arena/update/status", get(update::status))
         .route(
             "/arena/workflow",
             post(api::workflow).layer(DefaultBodyLimit::max(crate::workflow::MAX_WORKFLOW_BYTES)),

@@ -9,11 +9,14 @@
 //! - [`download`]: staged, resumable, verified downloads.
 //! - [`store`]: the versions area, installs, rollbacks, per-model state and locks.
 //! - [`window`]: update windows (`Mon-Fri 02:00-05:00`).
+//! - [`service`]: the daemon's side: runs in the background, the schedule, the gate that waits
+//!   while a target is open through the mount, status and metrics.
 
 pub mod download;
 pub mod http;
 pub mod manifest;
 pub mod remote;
+pub mod service;
 pub mod store;
 pub mod window;
 
@@ -57,29 +60,36 @@ fn token_file(path: &Path) -> Result<String, String> {
 }
 
 impl Settings {
-    /// From the environment: `HF_ENDPOINT`, `ARENA_CIVITAI_ENDPOINT`, `HF_TOKEN` or
-    /// `ARENA_HF_TOKEN_FILE`, `CIVITAI_TOKEN` or `ARENA_CIVITAI_TOKEN_FILE`.
-    pub fn from_env() -> Result<Settings, String> {
+    /// From the settings (env file, `ARENA_*` environment, `-o`) and the variables Hugging
+    /// Face's tools read: `ARENA_HF_ENDPOINT` else `HF_ENDPOINT`; `HF_TOKEN` else
+    /// `ARENA_HF_TOKEN_FILE`; `CIVITAI_TOKEN` else `ARENA_CIVITAI_TOKEN_FILE`.
+    pub fn resolve(cfg: &crate::config::Settings) -> Result<Settings, String> {
         let var = |k: &str| std::env::var(k).ok().filter(|v| !v.trim().is_empty());
-        let token = |direct: &str, file: &str| -> Result<Option<String>, String> {
-            match (var(direct), var(file)) {
+        let token = |direct: &str, file: &Option<PathBuf>| -> Result<Option<String>, String> {
+            match (var(direct), file) {
                 (Some(t), _) => Ok(Some(t.trim().to_string())),
-                (None, Some(f)) => token_file(Path::new(&f)).map(Some),
+                (None, Some(f)) => token_file(f).map(Some),
                 (None, None) => Ok(None),
             }
         };
         Ok(Settings {
-            hf_endpoint: var("HF_ENDPOINT").unwrap_or_else(|| "https://huggingface.co".into()),
-            civitai_endpoint: var("ARENA_CIVITAI_ENDPOINT")
+            hf_endpoint: cfg
+                .hf_endpoint
+                .clone()
+                .or_else(|| var("HF_ENDPOINT"))
+                .unwrap_or_else(|| "https://huggingface.co".into()),
+            civitai_endpoint: cfg
+                .civitai_endpoint
+                .clone()
                 .unwrap_or_else(|| "https://civitai.com".into()),
-            hf_token: token("HF_TOKEN", "ARENA_HF_TOKEN_FILE")?,
-            civitai_token: token("CIVITAI_TOKEN", "ARENA_CIVITAI_TOKEN_FILE")?,
+            hf_token: token("HF_TOKEN", &cfg.hf_token_file)?,
+            civitai_token: token("CIVITAI_TOKEN", &cfg.civitai_token_file)?,
         })
     }
 }
 
 /// What one command did to one model.
-#[derive(Debug, Serialize)]
+#[derive(Clone, Debug, Serialize)]
 pub struct Outcome {
     /// The model's id.
     pub id: String,
@@ -192,6 +202,11 @@ impl Updater {
         remote::resolve(&self.http, &self.hf(), &self.civitai(), tokens, model)
     }
 
+    /// The NAS directory.
+    pub fn nas(&self) -> &Path {
+        &self.nas
+    }
+
     fn target(&self, model: &Model) -> PathBuf {
         self.nas.join(model.target_path(&self.nas))
     }
@@ -260,6 +275,19 @@ impl Updater {
         model: &Model,
         dry_run: bool,
         progress: &mut dyn FnMut(u64, Option<u64>),
+    ) -> Outcome {
+        self.apply_gated(model, dry_run, progress, &|_| Ok(()))
+    }
+
+    /// [`Updater::apply`], with `gate(target)` asked after the download is verified and before
+    /// it is installed (the daemon waits there while the target is open through the mount); an
+    /// error from it leaves the verified download staged for the next run.
+    pub fn apply_gated(
+        &self,
+        model: &Model,
+        dry_run: bool,
+        progress: &mut dyn FnMut(u64, Option<u64>),
+        gate: &dyn Fn(&Path) -> Result<(), String>,
     ) -> Outcome {
         let store = match ModelStore::open(&self.nas, &model.id) {
             Ok(s) => s,
@@ -339,6 +367,12 @@ impl Updater {
             size: staged.size,
             installed_at: store::now(),
         };
+        if let Err(why) = gate(&model.target_path(&self.nas)) {
+            return Outcome {
+                fetched_bytes: staged.fetched,
+                ..Outcome::failed(model, "in_use", why)
+            };
+        }
         match store.install(&target, &staged.path, v.clone(), model.keep) {
             Ok(_) => {
                 download::forget_part(&target);

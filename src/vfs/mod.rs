@@ -428,6 +428,18 @@ impl Vfs {
         }
     }
 
+    /// Whether NAS-relative `rel` has a handle open through the mount (the updater waits for
+    /// it to close before it replaces the file).
+    pub fn is_open(&self, rel: &Path) -> bool {
+        let inos: Vec<u64> = self.handles.lock().values().map(|h| h.ino).collect();
+        if inos.is_empty() {
+            return false;
+        }
+        let inodes = self.inodes.lock();
+        inos.into_iter()
+            .any(|ino| inodes.path(ino).as_deref() == Some(rel))
+    }
+
     /// The kernel dropped `n` references on `ino`.
     pub fn forget(&self, ino: u64, n: u64) {
         self.inodes.lock().forget(ino, n);

@@ -858,3 +858,236 @@ fn a_bad_manifest_names_its_lines() {
     assert!(err.contains("models.toml:1: target \"../x\""), "{err}");
     assert!(err.contains("no source"), "{err}");
 }
+
+impl Env {
+    /// `arenafs update ...` through the daemon at `socket`.
+    fn via(&self, socket: &Path, args: &[&str]) -> Output {
+        Command::new(daemon_bin())
+            .arg("update")
+            .args(args)
+            .arg("--socket")
+            .arg(socket)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    }
+
+    fn mount_opts(&self) -> Vec<String> {
+        vec![
+            "min_size_mb=0".into(),
+            format!("update_manifest={}", self.manifest.display()),
+            format!("hf_endpoint={}", self.fake.hub),
+            format!("civitai_endpoint={}", self.fake.civitai),
+        ]
+    }
+}
+
+fn json_of(out: &Output) -> Value {
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "not JSON ({e}): {}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })
+}
+
+/// Through the daemon: check, apply with progress, the update state in `status` and the
+/// metrics; an install waits while the target is open through the mount, and the open reader
+/// reads the old version whole; rollback; clear refusals.
+#[test]
+fn updates_through_the_daemon() {
+    require_mount!();
+    let e = Env::new(HF_MANIFEST);
+    let v1 = safetensors(2 << 20, 11);
+    let v2 = safetensors(2 << 20, 12);
+    e.fake
+        .hf_commit("d00d0001", &[("unet/base.safetensors", &v1)]);
+    let opts = e.mount_opts();
+    let m =
+        e.d.mount(&opts.iter().map(String::as_str).collect::<Vec<_>>());
+
+    let out = e.via(&m.socket, &["check", "--json"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(json_of(&out)[0]["action"], "available");
+    let st = m.status();
+    assert_eq!(st["update"]["available"], json!(["base"]), "{st}");
+    let metrics = arenafs::control::client::get(&m.socket, "/metrics").unwrap();
+    assert!(
+        metrics.contains("arenafs_update_available{id=\"base\"} 1"),
+        "{metrics}"
+    );
+
+    let out = e.via(&m.socket, &["apply", "--wait", "--json"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(json_of(&out)[0]["action"], "installed");
+    assert_eq!(
+        fs::read(m.path("checkpoints/base.safetensors")).unwrap(),
+        v1
+    );
+
+    // v2 while a reader holds v1 open through the mount: the install waits for it.
+    let mut reader = fs::File::open(m.path("checkpoints/base.safetensors")).unwrap();
+    e.fake
+        .hf_commit("d00d0002", &[("unet/base.safetensors", &v2)]);
+    let child = e
+        .via_command(&m.socket, &["apply", "--wait", "--json"])
+        .spawn()
+        .unwrap();
+    wait_for(
+        "the install to wait for the reader",
+        Duration::from_secs(30),
+        || m.status()["update"]["running"]["models"][0]["state"] == "waiting_for_readers",
+    );
+    assert_eq!(
+        fs::read(e.target("checkpoints/base.safetensors")).unwrap(),
+        v1
+    );
+    let human = e.via(&m.socket, &["status"]);
+    assert!(
+        String::from_utf8_lossy(&human.stdout).contains("base waiting_for_readers"),
+        "{}",
+        String::from_utf8_lossy(&human.stdout)
+    );
+    let mut got = Vec::new();
+    reader.read_to_end(&mut got).unwrap();
+    assert!(got == v1, "the reader got a mix");
+    drop(reader);
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(json_of(&out)[0]["action"], "installed");
+    assert_eq!(
+        fs::read(e.target("checkpoints/base.safetensors")).unwrap(),
+        v2
+    );
+    let metrics = arenafs::control::client::get(&m.socket, "/metrics").unwrap();
+    assert!(
+        metrics.contains(&format!(
+            "arenafs_update_downloaded_bytes_total {}",
+            v1.len() + v2.len()
+        )),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("arenafs_update_available{id=\"base\"} 0"),
+        "{metrics}"
+    );
+
+    let out = e.via(&m.socket, &["rollback", "--json"]);
+    assert!(out.status.success());
+    assert_eq!(json_of(&out)[0]["installed"]["version"], "d00d0001");
+    assert_eq!(
+        fs::read(e.target("checkpoints/base.safetensors")).unwrap(),
+        v1
+    );
+    let out = e.via(&m.socket, &["status"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("last run     rollback"), "{text}");
+
+    // Refusals: an unknown id, --manifest with a daemon, a daemon without a manifest.
+    let out = e.via(&m.socket, &["check", "nope"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("UNKNOWN_MODEL"));
+    let out = e.via(&m.socket, &["check", "--manifest", "/x.toml"]);
+    assert_eq!(out.status.code(), Some(2));
+    drop(m);
+    let bare = e.d.mount(&["min_size_mb=0"]);
+    assert!(bare.status().get("update").is_none());
+    let out = e.via(&bare.socket, &["check"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("NO_MANIFEST"));
+}
+
+impl Env {
+    fn via_command(&self, socket: &Path, args: &[&str]) -> Command {
+        let mut c = Command::new(daemon_bin());
+        c.arg("update")
+            .args(args)
+            .arg("--socket")
+            .arg(socket)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        c
+    }
+}
+
+/// The schedule runs only inside its window: with the window closed, the services hear
+/// nothing however often the schedule looks; once the window (changed in the env file) is
+/// open, one scheduled run installs the update.
+#[test]
+fn the_schedule_keeps_to_its_window() {
+    require_mount!();
+    let e = Env::new(HF_MANIFEST);
+    let v1 = safetensors(1 << 20, 13);
+    e.fake
+        .hf_commit("5c4ed001", &[("unet/base.safetensors", &v1)]);
+    // A window that opens in two hours, local time.
+    let (_, minute) = arenafs::update::window::local_now();
+    let at = |m: u16| format!("{:02}:{:02}", (m / 60) % 24, m % 60);
+    let closed = format!(
+        "daily {}-{}",
+        at((minute + 120) % 1440),
+        at((minute + 180) % 1440)
+    );
+    let env_file = e.d.tmp.path().join("arena.env");
+    fs::write(&env_file, format!("ARENA_UPDATE_WINDOW=\"{closed}\"\n")).unwrap();
+    let mut opts = e.mount_opts();
+    opts.push(format!("env={}", env_file.display()));
+    let m =
+        e.d.mount(&opts.iter().map(String::as_str).collect::<Vec<_>>());
+    wait_for(
+        "the schedule to look three times",
+        Duration::from_secs(30),
+        || m.status()["update"]["schedule_ticks"].as_u64().unwrap_or(0) >= 3,
+    );
+    let st = m.status();
+    assert_eq!(st["update"]["window_open"], false, "{st}");
+    assert!(
+        e.fake.seen().is_empty(),
+        "outside the window: {:?}",
+        e.fake.seen()
+    );
+    assert!(!e.target("checkpoints/base.safetensors").exists());
+
+    // Open all day: the next look starts the run.
+    fs::write(&env_file, "ARENA_UPDATE_WINDOW=\"daily 00:00-24:00\"\n").unwrap();
+    arenafs::control::client::call(&m.socket, "POST", "/arena/reload", None).unwrap();
+    wait_for("the scheduled run", Duration::from_secs(60), || {
+        let st = m.status();
+        st["update"]["last"]["scheduled"] == true && st["update"]["running"].is_null()
+    });
+    let st = m.status();
+    assert_eq!(
+        st["update"]["last"]["outcomes"][0]["action"], "installed",
+        "{st}"
+    );
+    assert_eq!(
+        fs::read(e.target("checkpoints/base.safetensors")).unwrap(),
+        v1
+    );
+    let human = Command::new(daemon_bin())
+        .args(["status", "--socket"])
+        .arg(&m.socket)
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&human.stdout).contains(
+            "updates      idle; no update known to be available; window daily 00:00-24:00 (open)"
+        ),
+        "{}",
+        String::from_utf8_lossy(&human.stdout)
+    );
+}
