@@ -5,8 +5,9 @@ While copies run, the daemon's status is polled (every POLL_SECS) and each poll 
 state and whether the NAS is offline. When the last copy ends, one event with no jobs follows.
 Between copies the status is looked at every IDLE_SECS, and an event goes out only when something
 the badge shows changed: the daemon became (un)reachable, the NAS went offline or came back, the
-cache state changed, or copies started (a prefetch from the CLI, say), which starts the fast
-polling again. The feeder's events (a prompt sent, a refusal, the daemon not reachable) go out as
+cache state changed, an update of the model updater started, ended or became available, or
+copies started (a prefetch from the CLI, say); copies and update runs start the fast polling
+again. The feeder's events (a prompt sent, a refusal, the daemon not reachable) go out as
 `arenafs.event`.
 """
 
@@ -18,8 +19,23 @@ POLL_SECS = 0.5
 IDLE_SECS = 5.0
 
 
+def update_of(status):
+    """The model updater's part (with a manifest configured in the daemon), or None."""
+    up = status.get("update")
+    if not isinstance(up, dict):
+        return None
+    running = up.get("running") or {}
+    return {
+        "running": running.get("kind"),
+        "models": [{k: m.get(k) for k in ("id", "state", "done_bytes", "total_bytes")}
+                   for m in running.get("models") or []],
+        "available": up.get("available") or [],
+    }
+
+
 def progress_of(status):
     return {
+        "update": update_of(status),
         "reachable": True,
         "cache_state": status.get("cache_state"),
         "offline": status.get("offline", False),
@@ -56,11 +72,14 @@ class Progress:
             self.wake.clear()
             while True:
                 data = self._poll()
-                now = (data["reachable"], data.get("offline"), data.get("cache_state"))
-                if fed or data["jobs"] or now != shown:
+                up = data.get("update") or {}
+                now = (data["reachable"], data.get("offline"), data.get("cache_state"),
+                       up.get("running"), tuple(up.get("available") or ()))
+                busy = bool(data["jobs"]) or bool(up.get("running"))
+                if fed or busy or now != shown:
                     self.send("arenafs.progress", data)
                     shown = now
-                if not data["jobs"]:
+                if not busy:
                     break
                 # A new prompt while copies run just keeps the polling going.
                 self.wake.wait(POLL_SECS)

@@ -239,6 +239,7 @@ pub fn format_status(st: &Value) -> String {
     }
     if st["update"].is_object() {
         let _ = writeln!(o, "updates      {}", update_summary(&st["update"]));
+        update_models(&mut o, &st["update"]);
     }
     let stats = &st["stats"];
     let hits = u(&stats["opens_passthrough"]) + u(&stats["opens_ssd"]);
@@ -516,16 +517,17 @@ fn update_summary(up: &Value) -> String {
     )
 }
 
-/// `arenafs update status -m MOUNTPOINT` (the daemon's `/arena/update/status`).
-pub fn format_update(up: &Value) -> String {
-    let mut o = String::new();
-    let _ = writeln!(o, "manifest     {}", s(&up["manifest"]));
-    let _ = writeln!(o, "updates      {}", update_summary(up));
+/// A line per model of the running update run, with its download's progress.
+fn update_models(o: &mut String, up: &Value) {
     for m in up["running"]["models"].as_array().into_iter().flatten() {
         let total = m["total_bytes"].as_u64();
+        let pct = total
+            .filter(|t| *t > 0)
+            .map(|t| format!(" ({}%)", u(&m["done_bytes"]) * 100 / t))
+            .unwrap_or_default();
         let _ = writeln!(
             o,
-            "  {} {} {}{}",
+            "  {} {} {}{}{pct}",
             s(&m["id"]),
             s(&m["state"]),
             human_bytes(u(&m["done_bytes"])),
@@ -534,6 +536,14 @@ pub fn format_update(up: &Value) -> String {
                 .unwrap_or_default()
         );
     }
+}
+
+/// `arenafs update status -m MOUNTPOINT` (the daemon's `/arena/update/status`).
+pub fn format_update(up: &Value) -> String {
+    let mut o = String::new();
+    let _ = writeln!(o, "manifest     {}", s(&up["manifest"]));
+    let _ = writeln!(o, "updates      {}", update_summary(up));
+    update_models(&mut o, up);
     if up["last"].is_object() {
         let _ = writeln!(
             o,

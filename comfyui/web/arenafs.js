@@ -124,12 +124,24 @@ function show(progress) {
   state.style.color = colors[progress.cache_state] || "#eee";
   state.textContent = `arenafs: ${progress.cache_state}` + (progress.offline ? " · NAS offline" : "") +
     (progress.jobs.length ? ` · ${progress.jobs.length} copying` : " · idle");
-  jobs.textContent = progress.jobs.map((j) => {
+  const lines = progress.jobs.map((j) => {
     const pct = j.total_bytes ? Math.floor((100 * j.done_bytes) / j.total_bytes) : 0;
     const eta = j.eta_secs != null ? ` ETA ${Math.ceil(j.eta_secs)} s` : "";
     return `${j.path} ${pct}% ${fmtBytes(j.done_bytes)}/${fmtBytes(j.total_bytes)} ` +
       `${fmtBytes(j.rate_bytes_per_sec)}/s${eta}`;
-  }).join("\n");
+  });
+  // The model updater, where the daemon has a manifest.
+  const up = progress.update;
+  if (up && up.running) {
+    for (const m of up.models || []) {
+      if (m.state === "waiting" || m.state === "done") continue;
+      const pct = m.total_bytes ? ` ${Math.floor((100 * m.done_bytes) / m.total_bytes)}%` : "";
+      lines.push(`update ${m.id}: ${m.state.replace(/_/g, " ")}${pct}`);
+    }
+  } else if (up && up.available && up.available.length) {
+    lines.push(`update available: ${up.available.join(", ")}`);
+  }
+  jobs.textContent = lines.join("\n");
 }
 
 async function dryRun() {
@@ -169,7 +181,12 @@ async function refresh() {
     const st = await (await api.fetchApi("/arenafs/status")).json();
     if (st.reachable) {
       const d = st.daemon;
-      show({ reachable: true, cache_state: d.cache_state, offline: d.offline, jobs: d.jobs || [] });
+      const up = d.update ? {
+        running: d.update.running ? d.update.running.kind : null,
+        models: d.update.running ? d.update.running.models : [],
+        available: d.update.available || [],
+      } : null;
+      show({ reachable: true, cache_state: d.cache_state, offline: d.offline, jobs: d.jobs || [], update: up });
     } else {
       show({ reachable: false, jobs: [] });
     }

@@ -20,7 +20,18 @@ pub(crate) fn status(a: StatusArgs) -> Result<()> {
     let mut bars = Bars::new();
     loop {
         let st = call(&socket, "GET", "/arena/status", None)?;
-        let jobs = st["jobs"].as_array().cloned().unwrap_or_default();
+        let mut jobs = st["jobs"].as_array().cloned().unwrap_or_default();
+        // The updater's downloads get a bar each too.
+        for m in st["update"]["running"]["models"].as_array().into_iter().flatten() {
+            if m["state"] == "downloading" || m["state"] == "waiting_for_readers" {
+                jobs.push(serde_json::json!({
+                    "path": format!("update {} ({})", m["id"].as_str().unwrap_or("?"), m["state"].as_str().unwrap_or("")),
+                    "state": "running",
+                    "total_bytes": m["total_bytes"],
+                    "done_bytes": m["done_bytes"],
+                }));
+            }
+        }
         if bars.on_terminal() {
             bars.set_header(format!(
                 "{}: {} used of {}, {} running, {} queued",
