@@ -22,7 +22,11 @@ pub(crate) fn status(a: StatusArgs) -> Result<()> {
         let st = call(&socket, "GET", "/arena/status", None)?;
         let mut jobs = st["jobs"].as_array().cloned().unwrap_or_default();
         // The updater's downloads get a bar each too.
-        for m in st["update"]["running"]["models"].as_array().into_iter().flatten() {
+        for m in st["update"]["running"]["models"]
+            .as_array()
+            .into_iter()
+            .flatten()
+        {
             if m["state"] == "downloading" || m["state"] == "waiting_for_readers" {
                 jobs.push(serde_json::json!({
                     "path": format!("update {} ({})", m["id"].as_str().unwrap_or("?"), m["state"].as_str().unwrap_or("")),

@@ -279,6 +279,8 @@ pub fn download(
         }
     }
     let mut fetched = 0u64;
+    // Set by each attempt (the prefix of a resume, then what streams in).
+    let mut hasher: Sha256;
     let mut attempt = 0;
     let mut last_error: Option<DownloadError> = None;
     let total = loop {
@@ -410,7 +412,13 @@ pub fn download(
                 format!("the server offers {t} bytes, the service's listing says {size}"),
             ));
         }
-        // Stream: append to the part, and count what arrives.
+        // The hash covers the whole file: on a resume, the part's prefix (from an earlier
+        // attempt or run) is hashed first, then what arrives as it streams.
+        hasher = Sha256::new();
+        if start > 0 {
+            hash_prefix(&mut part, start, &mut hasher)?;
+        }
+        // Stream: append to the part, hash and count what arrives.
         part.seek(SeekFrom::Start(start))?;
         let mut reader = answer.response.body_mut().as_reader();
         let mut buf = vec![0u8; 1 << 20];
@@ -435,6 +443,7 @@ pub fn download(
                 }
             }
             part.write_all(&buf[..n])?;
+            hasher.update(&buf[..n]);
             have += n as u64;
             fetched += n as u64;
             progress(have, total.or(remote.size));
@@ -479,10 +488,11 @@ pub fn download(
             format!("{size} bytes arrived, about {approx} expected"),
         )));
     }
-    // The whole file is hashed from the staged part: after a resume the prefix came from an
-    // earlier run, and it is checked as well as what arrived now.
-    let mut hasher = Sha256::new();
-    hash_prefix(&mut part, size, &mut hasher)?;
+    if size != have {
+        return Err(discard(DownloadError::Io(io::Error::other(format!(
+            "the staged part has {size} bytes, {have} were written: something else writes it"
+        )))));
+    }
     let sha256 = format!("{:x}", hasher.finalize());
     let mut head = [0u8; 256];
     part.seek(SeekFrom::Start(0))?;

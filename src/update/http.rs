@@ -464,6 +464,28 @@ mod tests {
     }
 
     #[test]
+    fn rate_limits_say_how_long_to_wait() {
+        let r = |k: &str, v: &str| {
+            ureq::http::Response::builder()
+                .status(429)
+                .header(k, v)
+                .body(ureq::Body::builder().data(""))
+                .unwrap()
+        };
+        assert_eq!(
+            rate_wait(&r("Retry-After", "7")),
+            Some(Duration::from_secs(7))
+        );
+        assert_eq!(
+            rate_wait(&r("RateLimit", "\"api\";r=0;t=55")),
+            Some(Duration::from_secs(55))
+        );
+        let past = rate_wait(&r("Retry-After", "Sun, 06 Nov 1994 08:49:37 GMT"));
+        assert_eq!(past, Some(Duration::ZERO));
+        assert_eq!(rate_wait(&r("X-Other", "1")), None);
+    }
+
+    #[test]
     fn dates_and_encodings() {
         let t = httpdate_parse("Sun, 06 Nov 1994 08:49:37 GMT").unwrap();
         assert_eq!(

@@ -416,3 +416,16 @@ fn two_instances_share_one_mount() {
         &[servers[0].log(), servers[1].log(), m.log()],
     );
 }
+
+/// The package's helpers without ComfyUI (tests/python/package_units.py): the badge's progress
+/// and update summary, the override node, the feeder's snapshot of a queued prompt, the idle
+/// poller's change detection.
+#[test]
+fn the_package_helpers() {
+    let Some((py, _)) = comfyui() else {
+        return;
+    };
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/python/package_units.py");
+    let out = Command::new(py).arg(script).output().unwrap();
+    assert_ok("package_units.py", &out, &[]);
+}

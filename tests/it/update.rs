@@ -59,6 +59,8 @@ struct State {
     /// Body bytes the CDN sent, in total and per answer (with the range asked for).
     cdn_bytes: u64,
     cdn_answers: Vec<(Option<String>, u64)>,
+    /// Blob hashes, once computed.
+    shas: Mutex<HashMap<String, String>>,
 }
 
 struct Fake {
@@ -106,6 +108,16 @@ fn respond(stream: &mut TcpStream, status: u16, headers: &[(&str, String)], body
 
 fn sha(bytes: &[u8]) -> String {
     format!("{:x}", Sha256::digest(bytes))
+}
+
+/// The SHA-256 of a blob, computed once (hashing is slow in a debug build, and the benchmark
+/// measures the updater, not the fake).
+fn blob_sha(s: &State, blob: &str) -> String {
+    let mut cache = s.shas.lock().unwrap();
+    cache
+        .entry(blob.to_string())
+        .or_insert_with(|| sha(&s.blobs[blob]))
+        .clone()
 }
 
 /// A safetensors file of `n` data bytes (random), so the header check passes.
@@ -159,6 +171,7 @@ impl Fake {
             for (path, bytes) in files {
                 let blob = format!("{commit}-{}", path.replace('/', "_"));
                 s.blobs.insert(blob.clone(), bytes.to_vec());
+                blob_sha(s, &blob); // hashed now, not while a client waits
                 map.insert(path.to_string(), blob);
             }
             s.hf_files.insert(commit.to_string(), map);
@@ -227,7 +240,7 @@ fn serve(
                     .iter()
                     .map(|(p, blob)| {
                         let bytes = &s.blobs[blob];
-                        let sum = s.hf_wrong_sha.clone().unwrap_or_else(|| sha(bytes));
+                        let sum = s.hf_wrong_sha.clone().unwrap_or_else(|| blob_sha(&s, blob));
                         json!({"rfilename": p, "size": bytes.len(),
                                "lfs": {"sha256": sum, "size": bytes.len()}})
                     })
@@ -266,7 +279,7 @@ fn serve(
                 let bytes = &s.blobs[blob];
                 json!({"id": id, "modelId": 58390, "availability": "Public",
                        "files": [{"name": name, "sizeKB": bytes.len() as f64 / 1024.0, "primary": true,
-                                  "hashes": {"SHA256": sha(bytes).to_uppercase()},
+                                  "hashes": {"SHA256": blob_sha(&s, blob).to_uppercase()},
                                   "downloadUrl": format!("{}/api/download/models/{id}", "BASE")}]})
             };
             let fix = |v: Value, base: &str| Value::from(v.to_string().replace("BASE", base));
@@ -341,10 +354,11 @@ fn serve(
                 .and_then(|r| r.strip_suffix('-'))
                 .and_then(|r| r.parse::<usize>().ok())
                 .filter(|_| !s.behaviour.ignore_range);
+            let etag = format!("\"{}\"", &blob_sha(&s, blob)[..16]);
             let drop_after = s.behaviour.drop_after.take();
             let stall_after = s.behaviour.stall_after.take();
             drop(s);
-            let etag = format!("\"{}\"", &sha(&bytes)[..16]);
+
             let (status, body, mut headers) = match start {
                 Some(a) if a < bytes.len() => (
                     206,
@@ -904,7 +918,16 @@ fn updates_through_the_daemon() {
     let v2 = safetensors(2 << 20, 12);
     e.fake
         .hf_commit("d00d0001", &[("unet/base.safetensors", &v1)]);
-    let opts = e.mount_opts();
+    // A gated repository, its token in a file; the target pinned in the cache.
+    e.fake
+        .with(|s| s.behaviour.gated = Some("hf_daemon_secret".into()));
+    let token = e.d.tmp.path().join("hf_token");
+    fs::write(&token, "hf_daemon_secret\n").unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    fs::set_permissions(&token, fs::Permissions::from_mode(0o600)).unwrap();
+    let mut opts = e.mount_opts();
+    opts.push(format!("hf_token_file={}", token.display()));
+    opts.push("cache_pin=checkpoints/**".into());
     let m =
         e.d.mount(&opts.iter().map(String::as_str).collect::<Vec<_>>());
 
@@ -930,6 +953,9 @@ fn updates_through_the_daemon() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert_eq!(json_of(&out)[0]["action"], "installed");
+    // Pinned: the new version is copied into the cache without anyone reading it.
+    m.wait_copies(1);
+    assert_eq!(m.stats().opens_filling + m.stats().opens_ssd, 0);
     assert_eq!(
         fs::read(m.path("checkpoints/base.safetensors")).unwrap(),
         v1
@@ -996,6 +1022,18 @@ fn updates_through_the_daemon() {
     let out = e.via(&m.socket, &["status"]);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("last run     rollback"), "{text}");
+    let log = m.log();
+    assert!(log.contains("update installed"), "{log}");
+    assert!(
+        !log.contains("hf_daemon_secret"),
+        "the token reached the log"
+    );
+    assert!(
+        e.fake
+            .seen()
+            .iter()
+            .all(|s| s.server != "cdn" || s.auth.is_none())
+    );
 
     // Refusals: an unknown id, --manifest with a daemon, a daemon without a manifest.
     let out = e.via(&m.socket, &["check", "nope"]);
@@ -1089,5 +1127,103 @@ fn the_schedule_keeps_to_its_window() {
         ),
         "{}",
         String::from_utf8_lossy(&human.stdout)
+    );
+}
+
+/// The updater's benchmark (scripts/bench-update; ignored in the test suite): download
+/// throughput of `arenafs update apply --nas` against `curl` of the same loopback CDN file into
+/// the same directory, same run; and the time `arenafs update check` takes for 100 tracked
+/// models against the loopback Hub. Prints the figures.
+#[test]
+#[ignore = "a benchmark: scripts/bench-update"]
+fn bench_updater() {
+    let mib: usize = std::env::var("BENCH_UPDATE_MIB")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(512);
+    let runs: usize = std::env::var("BENCH_RUNS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(3);
+    let e = Env::new(HF_MANIFEST);
+    let bytes = safetensors(mib << 20, 21);
+    let mut curl_secs = Vec::new();
+    let mut ours_secs = Vec::new();
+    for run in 0..runs {
+        let commit = format!("be0c{run:04}");
+        e.fake
+            .hf_commit(&commit, &[("unet/base.safetensors", &bytes)]);
+        // curl, into the same directory.
+        let dir = e.target("checkpoints");
+        fs::create_dir_all(&dir).unwrap();
+        let url = format!(
+            "{}/studio/models/resolve/{commit}/unet/base.safetensors",
+            e.fake.hub
+        );
+        let t = Instant::now();
+        let st = Command::new("curl")
+            .args(["-sSfL", "-o"])
+            .arg(dir.join("curl.bin"))
+            .arg(&url)
+            .status()
+            .unwrap();
+        assert!(st.success());
+        curl_secs.push(t.elapsed().as_secs_f64());
+        assert_eq!(
+            fs::metadata(dir.join("curl.bin")).unwrap().len() as usize,
+            bytes.len()
+        );
+        fs::remove_file(dir.join("curl.bin")).unwrap();
+        // The same bytes each run: without the last run's file and state, it is downloaded
+        // again rather than adopted.
+        let _ = fs::remove_file(e.target("checkpoints/base.safetensors"));
+        let _ = fs::remove_dir_all(e.d.nas.join(".arenafs-versions"));
+        let t = Instant::now();
+        let (out, r) = e.run(&["apply"], &[]);
+        ours_secs.push(t.elapsed().as_secs_f64());
+        assert!(out.status.success(), "{r}");
+        assert_eq!(r[0]["action"], "installed");
+    }
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+        v[v.len() / 2]
+    };
+    let (c, o) = (median(&mut curl_secs), median(&mut ours_secs));
+    let mb = bytes.len() as f64 / 1e6;
+    println!(
+        "download {mib} MiB: curl {c:.3} s ({:.0} MB/s), arenafs update apply {o:.3} s ({:.0} MB/s, with the check, sha256, safetensors check and install): {:.2}x curl's time",
+        mb / c,
+        mb / o,
+        o / c
+    );
+
+    // 100 tracked models: one check.
+    let files: Vec<(String, Vec<u8>)> = (0..100)
+        .map(|i| (format!("m/{i:03}.safetensors"), safetensors(1024, i)))
+        .collect();
+    let refs: Vec<(&str, &[u8])> = files
+        .iter()
+        .map(|(p, b)| (p.as_str(), b.as_slice()))
+        .collect();
+    e.fake.hf_commit("c1000000", &refs);
+    let manifest: String = (0..100)
+        .map(|i| {
+            format!(
+                "[[model]]\nid = \"m{i:03}\"\ntarget = \"loras/m{i:03}.safetensors\"\nhf = {{ repo = \"studio/models\", path = \"m/{i:03}.safetensors\" }}\n"
+            )
+        })
+        .collect();
+    fs::write(&e.manifest, manifest).unwrap();
+    let mut checks = Vec::new();
+    for _ in 0..runs {
+        let t = Instant::now();
+        let (out, r) = e.run(&["check"], &[]);
+        checks.push(t.elapsed().as_secs_f64());
+        assert!(out.status.success(), "{r}");
+        assert_eq!(r.as_array().unwrap().len(), 100);
+    }
+    println!(
+        "check of 100 tracked models: {:.3} s (median of {runs})",
+        median(&mut checks)
     );
 }
