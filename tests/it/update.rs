@@ -1227,3 +1227,32 @@ fn bench_updater() {
         median(&mut checks)
     );
 }
+
+/// A NAS without room for the file (and a margin) is refused before a byte is downloaded.
+#[test]
+fn a_full_nas_is_refused_before_downloading() {
+    require_mount!();
+    let e = Env::new(HF_MANIFEST);
+    let v1 = safetensors(1 << 20, 14);
+    e.fake
+        .hf_commit("f0110001", &[("unet/base.safetensors", &v1)]);
+    // A 32 MiB NAS: 1 MiB plus the 64 MiB margin does not fit.
+    let st = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=32m", "tmpfs"])
+        .arg(&e.d.nas)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let (out, r) = e.run(&["apply"], &[]);
+    let _ = Command::new("umount").arg(&e.d.nas).status();
+    assert!(!out.status.success());
+    assert_eq!(r[0]["reason"], "no_space", "{r}");
+    assert!(
+        r[0]["error"].as_str().unwrap().contains("not enough space"),
+        "{r}"
+    );
+    assert!(
+        e.fake.seen().iter().all(|s| s.server != "cdn"),
+        "a download began"
+    );
+}
