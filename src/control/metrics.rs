@@ -338,9 +338,48 @@ pub fn render(s: &Shared, nas_up: bool) -> String {
             ("nas", lat.nas.snapshot()),
         ],
     );
-    let mut out = t.0;
-    s.update.metrics(&mut out);
-    out
+    let up = s.update.status();
+    if up.manifest.is_some() {
+        t.head(
+            "arenafs_update_available",
+            "gauge",
+            "Whether the last check of a tracked model found a version other than the installed one.",
+        );
+        for (id, available) in s.update.available_by_model() {
+            t.sample(
+                "arenafs_update_available",
+                &[("id", &id)],
+                u8::from(available),
+            );
+        }
+        t.one(
+            "arenafs_update_last_check_timestamp_seconds",
+            "gauge",
+            "When the updater last checked a model.",
+            up.last_check_at.unwrap_or(0),
+        );
+        t.one(
+            "arenafs_update_downloaded_bytes_total",
+            "counter",
+            "Bytes the updater downloaded.",
+            up.downloaded_bytes,
+        );
+        t.head(
+            "arenafs_update_failures_total",
+            "counter",
+            "Updater failures, by reason.",
+        );
+        for (reason, n) in &up.failures {
+            t.sample("arenafs_update_failures_total", &[("reason", reason)], n);
+        }
+        t.one(
+            "arenafs_update_running",
+            "gauge",
+            "Whether an update run is going on.",
+            u8::from(up.running.is_some()),
+        );
+    }
+    t.0
 }
 
 pub(super) async fn metrics(State(s): State<Shared>) -> impl IntoResponse {

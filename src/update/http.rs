@@ -260,25 +260,18 @@ impl Http {
             url: url.to_string(),
             message: e.to_string(),
         };
-        if head {
-            let mut req = self.agent.head(url);
-            for (k, v) in headers {
-                req = req.header(*k, v);
-            }
-            if let Some(t) = &token {
-                req = req.header("Authorization", format!("Bearer {t}"));
-            }
-            req.call().map_err(transport)
+        let mut req = if head {
+            self.agent.head(url)
         } else {
-            let mut req = self.agent.get(url);
-            for (k, v) in headers {
-                req = req.header(*k, v);
-            }
-            if let Some(t) = &token {
-                req = req.header("Authorization", format!("Bearer {t}"));
-            }
-            req.call().map_err(transport)
+            self.agent.get(url)
+        };
+        for (k, v) in headers {
+            req = req.header(*k, v);
         }
+        if let Some(t) = &token {
+            req = req.header("Authorization", format!("Bearer {t}"));
+        }
+        req.call().map_err(transport)
     }
 
     /// One hop with the retry policy: rate limits waited out (up to `MAX_RATE_WAIT`), 5xx and

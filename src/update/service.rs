@@ -436,51 +436,13 @@ impl UpdateService {
         }
     }
 
-    /// `/metrics` lines.
-    pub fn metrics(&self, out: &mut String) {
-        use std::fmt::Write;
-        let st = self.status();
-        if st.manifest.is_none() {
-            return;
-        }
-        let inner = self.inner.lock();
-        let _ = writeln!(
-            out,
-            "# HELP arenafs_update_available Whether the last check of a tracked model found a version other than the installed one.\n# TYPE arenafs_update_available gauge"
-        );
-        for (id, a) in &inner.available {
-            let _ = writeln!(
-                out,
-                // Ids are letters, digits, '.', '_' and '-' (the manifest checks): nothing to escape.
-                "arenafs_update_available{{id=\"{id}\"}} {}",
-                u8::from(*a)
-            );
-        }
-        drop(inner);
-        let _ = writeln!(
-            out,
-            "# HELP arenafs_update_last_check_timestamp_seconds When the updater last checked a model.\n# TYPE arenafs_update_last_check_timestamp_seconds gauge\narenafs_update_last_check_timestamp_seconds {}",
-            st.last_check_at.unwrap_or(0)
-        );
-        let _ = writeln!(
-            out,
-            "# HELP arenafs_update_downloaded_bytes_total Bytes the updater downloaded.\n# TYPE arenafs_update_downloaded_bytes_total counter\narenafs_update_downloaded_bytes_total {}",
-            st.downloaded_bytes
-        );
-        let _ = writeln!(
-            out,
-            "# HELP arenafs_update_failures_total Updater failures, by reason.\n# TYPE arenafs_update_failures_total counter"
-        );
-        for (reason, n) in &st.failures {
-            let _ = writeln!(
-                out,
-                "arenafs_update_failures_total{{reason=\"{reason}\"}} {n}"
-            );
-        }
-        let _ = writeln!(
-            out,
-            "# HELP arenafs_update_running Whether an update run is going on.\n# TYPE arenafs_update_running gauge\narenafs_update_running {}",
-            u8::from(st.running.is_some())
-        );
+    /// Each model's "an update is available" from its last check (for `/metrics`).
+    pub fn available_by_model(&self) -> Vec<(String, bool)> {
+        self.inner
+            .lock()
+            .available
+            .iter()
+            .map(|(id, a)| (id.clone(), *a))
+            .collect()
     }
 }
