@@ -93,6 +93,12 @@ keys! {
         "What makes a cache copy still the NAS file's: size_mtime_ino (size, mtime in ns and inode number), size_mtime (for NAS mounts without stable inode numbers, e.g. SMB with noserverino) or size_mtime_ino_ctime (also the change time: catches rewrites that restore the mtime, drops copies on any metadata change). Read at mount. Files modified less than 2 s ago are read from the NAS, not copied.";
     "ARENA_CACHE_STABLE_SECS", "cache_stable_secs", ["stable_secs"], "2", "3",
         "A file modified less than this many seconds ago is read from the NAS, not copied: NAS timestamps can be coarse (1 s on SMB, 2 s on FAT-backed shares), and a file rewritten within one tick would keep its identity with other bytes. 0 for a NAS with nanosecond timestamps.";
+    "ARENA_HTTP_SOURCE", "http_source", [], "", "http://nas.example:8080/models",
+        "The base URL under which the NAS root is also served over HTTP. Background copies then fetch bytes with ranged GETs from it (through ARENA_HTTP_PROXY when set), falling back to the NAS per file on any mismatch; lookups, listings and writes stay on the NAS. Read at mount. docs/farm.md.";
+    "ARENA_HTTP_PROXY", "http_proxy", [], "", "http://127.0.0.1:4001",
+        "A forward proxy for ARENA_HTTP_SOURCE: a Squid tier, or a Dragonfly dfdaemon on this node. Read at mount.";
+    "ARENA_HTTP_HEADERS", "http_headers", [], "X-Dragonfly-Prefetch: true", "X-Dragonfly-Prefetch: true; X-Team: render",
+        "Extra headers of ARENA_HTTP_SOURCE requests, 'Name: value' separated by ';' (the default makes a Dragonfly peer pull the whole file behind a ranged miss). Read at mount.";
     "ARENA_UPDATE_MANIFEST", "update_manifest", [], "", "/etc/arenafs/models.toml",
         "The model updater's manifest of tracked models (TOML; docs/updater.md). With it the daemon serves /arena/update/* and, with ARENA_UPDATE_WINDOW, checks and installs updates on its own.";
     "ARENA_UPDATE_WINDOW", "update_window", [], "", "Mon-Fri 02:00-05:00",
@@ -224,6 +230,12 @@ pub struct Settings {
     pub pin: Vec<String>,
     /// Prefetch allow-list file.
     pub prefetch_allowlist: Option<PathBuf>,
+    /// The HTTP source of bulk bytes.
+    pub http_source: Option<String>,
+    /// Its forward proxy.
+    pub http_proxy: Option<String>,
+    /// Its extra headers.
+    pub http_headers: Vec<(String, String)>,
     /// The updater's manifest.
     pub update_manifest: Option<PathBuf>,
     /// The updater's windows, as written (checked when read).
@@ -277,6 +289,10 @@ impl Default for Settings {
             exclude: Vec::new(),
             pin: Vec::new(),
             prefetch_allowlist: None,
+            http_source: None,
+            http_proxy: None,
+            http_headers: crate::httpsrc::parse_headers(crate::httpsrc::DEFAULT_HEADERS)
+                .unwrap_or_default(),
             update_manifest: None,
             update_window: None,
             hf_endpoint: None,
@@ -617,6 +633,17 @@ impl Builder {
             "ARENA_CACHE_PIN" => s.pin = globs(v)?,
             "ARENA_CACHE_PREFETCH_ALLOWLIST" => s.prefetch_allowlist = Some(path(v)?),
             "ARENA_CACHE_MIN_FREE_GB" => s.min_free = Some(gb(v)?),
+            "ARENA_HTTP_SOURCE" => {
+                let probe = crate::httpsrc::HttpSource::check_url(v, "ARENA_HTTP_SOURCE")?;
+                s.http_source = Some(probe);
+            }
+            "ARENA_HTTP_PROXY" => {
+                s.http_proxy = Some(crate::httpsrc::HttpSource::check_url(
+                    v,
+                    "ARENA_HTTP_PROXY",
+                )?)
+            }
+            "ARENA_HTTP_HEADERS" => s.http_headers = crate::httpsrc::parse_headers(v)?,
             "ARENA_UPDATE_MANIFEST" => s.update_manifest = Some(path(v)?),
             "ARENA_UPDATE_WINDOW" => {
                 crate::update::window::Windows::parse(v)?;
@@ -994,6 +1021,14 @@ pub fn display_value(s: &Settings, env: &str) -> String {
         "ARENA_CACHE_EXCLUDE" => s.exclude.join(","),
         "ARENA_CACHE_PIN" => s.pin.join(","),
         "ARENA_CACHE_PREFETCH_ALLOWLIST" => opt_path(&s.prefetch_allowlist),
+        "ARENA_HTTP_SOURCE" => s.http_source.clone().unwrap_or_default(),
+        "ARENA_HTTP_PROXY" => s.http_proxy.clone().unwrap_or_default(),
+        "ARENA_HTTP_HEADERS" => s
+            .http_headers
+            .iter()
+            .map(|(k, v)| format!("{k}: {v}"))
+            .collect::<Vec<_>>()
+            .join("; "),
         "ARENA_UPDATE_MANIFEST" => opt_path(&s.update_manifest),
         "ARENA_UPDATE_WINDOW" => s.update_window.clone().unwrap_or_default(),
         "ARENA_HF_ENDPOINT" => s.hf_endpoint.clone().unwrap_or_else(|| {

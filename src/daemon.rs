@@ -150,6 +150,18 @@ pub fn run(
     let health = Arc::new(crate::health::Health::default());
     health.start(nas.clone(), cfg.nas_timeout)?;
     worker.watch_health(health.clone());
+    if let Some(url) = &loaded.settings.http_source {
+        let http = crate::httpsrc::HttpSource::new(
+            url,
+            loaded.settings.http_proxy.as_deref(),
+            loaded.settings.http_headers.clone(),
+            cfg.nas_timeout.max(std::time::Duration::from_secs(10)),
+            runtime.handle().clone(),
+        )
+        .map_err(anyhow::Error::msg)?;
+        tracing::info!(url, proxy = ?loaded.settings.http_proxy, "background copies fetch over HTTP");
+        worker.use_http_source(Arc::new(http));
+    }
     let passthrough = Arc::new(AtomicBool::new(false));
     let nas_io = Arc::new(crate::vfs::nasio::NasIo::new(
         crate::vfs::nasio::MAX_THREADS,

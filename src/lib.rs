@@ -30,6 +30,7 @@ pub mod discover;
 pub mod envfile;
 pub mod fs;
 pub mod health;
+pub mod httpsrc;
 pub mod models;
 pub mod mount;
 pub mod options;

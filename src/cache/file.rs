@@ -387,11 +387,25 @@ impl CacheFile {
     /// Makes chunk `idx` present, fetching it from `nas` unless it is present or another caller is
     /// already fetching it (then waits for that fetch).
     pub fn ensure_chunk(&self, idx: u64, nas: &File) -> Result<Chunk, FetchError> {
+        self.ensure_chunk_from(idx, nas, None)
+    }
+
+    /// [`CacheFile::ensure_chunk`], taking the chunk's bytes from `alt(start, end)` when it
+    /// gives them (an HTTP source); the NAS file's identity is checked all the same.
+    pub fn ensure_chunk_from(
+        &self,
+        idx: u64,
+        nas: &File,
+        alt: Option<&dyn Fn(u64, u64) -> Option<Vec<u8>>>,
+    ) -> Result<Chunk, FetchError> {
         let (start, end) = self.state.lock().map.chunk_range(idx);
         if !self.claim(idx, start, end, Some(nas), &mut Vec::new(), &mut 0)? {
             return Ok(Chunk::Present);
         }
-        let result = self.fetch(start, end, nas);
+        let result = match alt.and_then(|f| f(start, end)) {
+            Some(buf) if buf.len() as u64 == end - start => self.keep(start, end, buf, nas),
+            _ => self.fetch(start, end, nas),
+        };
         let mut st = self.state.lock();
         let out = match result {
             Ok((buf, true)) => {
@@ -418,8 +432,24 @@ impl CacheFile {
         let mut buf = vec![0u8; (end - start) as usize];
         let n = pread_full(nas, &mut buf, start).map_err(FetchError::Nas)?;
         self.nas_bytes.fetch_add(n as u64, Ordering::Relaxed);
+        if n != buf.len() {
+            self.disable();
+            return Err(FetchError::Changed);
+        }
+        self.keep(start, end, buf, nas)
+    }
+
+    /// Checks that the NAS file is still the one this copy is of, then writes `buf` (bytes
+    /// `[start, end)` of it) to the SSD. Returns the bytes and whether they were written.
+    fn keep(
+        &self,
+        start: u64,
+        end: u64,
+        buf: Vec<u8>,
+        nas: &File,
+    ) -> Result<(Vec<u8>, bool), FetchError> {
         let st = nix::sys::stat::fstat(nas).map_err(|e| FetchError::Nas(e.into()))?;
-        if n != buf.len() || self.rule.identity(&st) != self.identity {
+        if self.rule.identity(&st) != self.identity {
             self.disable();
             return Err(FetchError::Changed);
         }

@@ -460,6 +460,11 @@ pub struct Status {
     pub queue_length: usize,
     /// Counters since start.
     pub stats: StatsSnapshot,
+    /// The HTTP source of background copies (with `ARENA_HTTP_SOURCE`): bytes fetched over
+    /// HTTP and fallbacks to the NAS by reason; `stats.bytes_fetched` less its bytes came from
+    /// the NAS directly.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub http_source: Option<crate::httpsrc::HttpSourceStatus>,
     /// The model updater (with a manifest configured).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub update: Option<crate::update::service::Status>,
@@ -519,6 +524,7 @@ pub(super) async fn status(State(s): State<Shared>) -> Result<Json<Status>, ApiE
         jobs: s.worker.jobs(),
         queue_length: s.worker.queue_len(),
         stats,
+        http_source: s.worker.http_source().map(|h| h.status()),
         update: Some(s.update.status()).filter(|u| u.manifest.is_some()),
     }))
 }

@@ -338,6 +338,23 @@ pub fn render(s: &Shared, nas_up: bool) -> String {
             ("nas", lat.nas.snapshot()),
         ],
     );
+    if let Some(h) = s.worker.http_source() {
+        let h = h.status();
+        t.one(
+            "arenafs_http_source_bytes_total",
+            "counter",
+            "Bytes background copies fetched over the HTTP source (the rest of arenafs_fetched_bytes_total came from the NAS directly).",
+            h.bytes,
+        );
+        t.head(
+            "arenafs_http_fallbacks_total",
+            "counter",
+            "Files whose copy fell back from the HTTP source to the NAS, by reason.",
+        );
+        for (reason, n) in &h.fallbacks {
+            t.sample("arenafs_http_fallbacks_total", &[("reason", reason)], n);
+        }
+    }
     let up = s.update.status();
     if up.manifest.is_some() {
         t.head(

@@ -11,6 +11,7 @@ mod crash;
 mod data;
 mod deploy;
 mod discovery;
+mod farm;
 mod faultnas;
 mod faults;
 mod fsx;

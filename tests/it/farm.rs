@@ -1,0 +1,330 @@
+//! Background copies through an HTTP source (`http_source=`, docs/farm.md): nginx (Debian's)
+//! serving the NAS tree, directly or behind a forward proxy of the tests' own that misbehaves
+//! on demand. Copies must match the NAS byte for byte whatever the HTTP side does; a mismatch
+//! costs a fallback to the NAS, counted with its reason.
+
+use std::fs;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde_json::json;
+
+use crate::util::{CHUNK, Dirs, require_mount, wait_for};
+
+/// nginx serving `root` on 127.0.0.1, killed when dropped.
+struct Nginx {
+    child: Child,
+    port: u16,
+    dir: tempfile::TempDir,
+}
+
+impl Nginx {
+    /// Starts nginx, or says why not (skipped unless `CI` is set).
+    fn start(root: &Path) -> Option<Nginx> {
+        let bin = Path::new("/usr/sbin/nginx");
+        if !bin.exists() {
+            let why = "nginx is missing (scripts/install-deps installs it)";
+            assert!(std::env::var("CI").as_deref() != Ok("true"), "{why}");
+            eprintln!("skipping: {why}");
+            return None;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let d = dir.path().display();
+        let conf = format!(
+            "daemon off; master_process off; user root; worker_processes 1;\n\
+             pid {d}/nginx.pid; error_log {d}/error.log;\n\
+             events {{ worker_connections 64; }}\n\
+             http {{\n\
+               log_format ranges '$status $body_bytes_sent \"$http_range\" $uri';\n\
+               access_log {d}/access.log ranges;\n\
+               client_body_temp_path {d}/body; proxy_temp_path {d}/proxy;\n\
+               fastcgi_temp_path {d}/fastcgi; uwsgi_temp_path {d}/uwsgi; scgi_temp_path {d}/scgi;\n\
+               default_type application/octet-stream;\n\
+               server {{ listen 127.0.0.1:{port}; root {}; location / {{ }} }}\n\
+             }}\n",
+            root.display()
+        );
+        fs::write(dir.path().join("nginx.conf"), conf).unwrap();
+        let child = Command::new(bin)
+            .arg("-p")
+            .arg(dir.path())
+            .arg("-c")
+            .arg(dir.path().join("nginx.conf"))
+            .arg("-e")
+            .arg(dir.path().join("error.log"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let n = Nginx { child, port, dir };
+        wait_for("nginx to listen", Duration::from_secs(20), || {
+            TcpStream::connect(("127.0.0.1", port)).is_ok()
+        });
+        Some(n)
+    }
+
+    fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// The access log: (status, body bytes sent, Range header, path) per request.
+    fn log(&self) -> Vec<(u16, u64, String, String)> {
+        fs::read_to_string(self.dir.path().join("access.log"))
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| {
+                let mut p = l.splitn(3, ' ');
+                let status = p.next()?.parse().ok()?;
+                let bytes = p.next()?.parse().ok()?;
+                // `"RANGE" PATH`: the path may hold spaces.
+                let (range, path) = p.next()?.strip_prefix('"')?.split_once("\" ")?;
+                Some((status, bytes, range.to_string(), path.to_string()))
+            })
+            .collect()
+    }
+}
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// How the proxy of the tests answers.
+#[derive(Clone, Copy, PartialEq, Debug)]
+enum Mode {
+    /// Forwards to the origin and returns its answer (a plain forward proxy).
+    Forward,
+    /// Answers a ranged request with the whole file (`200`).
+    Whole,
+    /// Answers with a `Content-Range` one byte off.
+    BadRange,
+}
+
+/// A forward proxy on 127.0.0.1 that records request lines and headers.
+struct Proxy {
+    port: u16,
+    seen: Arc<Mutex<Vec<String>>>,
+}
+
+impl Proxy {
+    fn start(mode: Mode) -> Proxy {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let s = seen.clone();
+        std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(stream) = stream else { continue };
+                let s = s.clone();
+                std::thread::spawn(move || proxy_one(stream, mode, &s));
+            }
+        });
+        Proxy { port, seen }
+    }
+
+    fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+}
+
+fn proxy_one(mut client: TcpStream, mode: Mode, seen: &Mutex<Vec<String>>) {
+    let mut reader = BufReader::new(client.try_clone().unwrap());
+    let mut head = Vec::new();
+    loop {
+        let mut line = String::new();
+        if reader.read_line(&mut line).unwrap_or(0) == 0 {
+            return;
+        }
+        let line = line.trim_end().to_string();
+        if line.is_empty() {
+            break;
+        }
+        head.push(line);
+    }
+    seen.lock().unwrap().push(head.join("\n"));
+    // `GET http://host:port/path HTTP/1.1` (absolute form).
+    let Some(target) = head[0].split_whitespace().nth(1) else {
+        return;
+    };
+    let Some(rest) = target.strip_prefix("http://") else {
+        let _ = client.write_all(b"HTTP/1.1 400 X\r\nContent-Length: 0\r\n\r\n");
+        return;
+    };
+    let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+    let header = |name: &str| {
+        head.iter()
+            .find_map(|h| {
+                let (k, v) = h.split_once(':')?;
+                k.eq_ignore_ascii_case(name).then(|| v.trim().to_string())
+            })
+            .unwrap_or_default()
+    };
+    let range = if mode == Mode::Whole {
+        String::new()
+    } else {
+        format!("Range: {}\r\n", header("range"))
+    };
+    let if_match = match header("if-match") {
+        v if v.is_empty() => String::new(),
+        v => format!("If-Match: {v}\r\n"),
+    };
+    let mut origin = TcpStream::connect(authority).unwrap();
+    write!(
+        origin,
+        "GET {path} HTTP/1.1\r\nHost: {authority}\r\n{range}{if_match}Connection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut answer = Vec::new();
+    origin.read_to_end(&mut answer).unwrap();
+    if mode == Mode::BadRange {
+        let text = String::from_utf8_lossy(&answer[..answer.len().min(4096)]).to_string();
+        if let Some(i) = text.find("Content-Range: bytes ") {
+            let at = i + "Content-Range: bytes ".len();
+            let end = text[at..].find('-').unwrap() + at;
+            let start: u64 = text[at..end].parse().unwrap();
+            let shifted = format!("{}", start + 1);
+            let mut out = answer[..at].to_vec();
+            out.extend_from_slice(shifted.as_bytes());
+            out.extend_from_slice(&answer[end..]);
+            answer = out;
+        }
+    }
+    let _ = client.write_all(&answer);
+}
+
+fn prefetch(socket: &Path, models: &[&str]) {
+    arenafs::control::client::call(
+        socket,
+        "POST",
+        "/arena/prefetch",
+        Some(&json!({ "models": models })),
+    )
+    .unwrap();
+}
+
+/// Copies fetched from nginx match the NAS; the bytes went over HTTP in ranged requests
+/// (206 answers summing to the files' sizes), with no fallback.
+#[test]
+fn copies_come_over_http_and_match_the_nas() {
+    require_mount!();
+    let d = Dirs::new();
+    let a = d.nas_file("loras/a.safetensors", 3 * CHUNK as usize + 123, 1);
+    let b = d.nas_file("loras/sub dir/b.safetensors", 2 * CHUNK as usize, 2);
+    let Some(nginx) = Nginx::start(&d.nas) else {
+        return;
+    };
+    let source = format!("http_source={}", nginx.url());
+    let m = d.mount(&["min_size_mb=0", "cache_cooldown_ms=0", &source]);
+    prefetch(
+        &m.socket,
+        &["loras/a.safetensors", "loras/sub dir/b.safetensors"],
+    );
+    m.wait_copies(2);
+    let st = m.status();
+    let total = (a.len() + b.len()) as u64;
+    assert_eq!(st["http_source"]["bytes"], total, "{st}");
+    assert_eq!(st["http_source"]["fallbacks"], json!({}), "{st}");
+    assert_eq!(fs::read(m.path("loras/a.safetensors")).unwrap(), a);
+    assert_eq!(fs::read(m.path("loras/sub dir/b.safetensors")).unwrap(), b);
+    let log = nginx.log();
+    assert!(!log.is_empty());
+    assert!(
+        log.iter()
+            .all(|(status, _, range, _)| *status == 206 && range.starts_with("bytes=")),
+        "{log:?}"
+    );
+    assert_eq!(log.iter().map(|l| l.1).sum::<u64>(), total, "{log:?}");
+    assert!(
+        log.iter().any(|l| l.3 == "/loras/sub dir/b.safetensors"),
+        "{log:?}"
+    );
+    let metrics = arenafs::control::client::get(&m.socket, "/metrics").unwrap();
+    assert!(
+        metrics.contains(&format!("arenafs_http_source_bytes_total {total}")),
+        "{metrics}"
+    );
+}
+
+/// A proxy that answers a range with the whole file, one whose `Content-Range` is off, one that
+/// is not there: each copy falls back to the NAS, is right, and the fallback is counted with
+/// its reason. A plain forward proxy gets absolute-form requests (never `CONNECT`) with the
+/// Dragonfly prefetch header, and no fallback.
+#[test]
+fn a_misbehaving_proxy_costs_a_fallback_not_correctness() {
+    require_mount!();
+    let d = Dirs::new();
+    let Some(nginx) = Nginx::start(&d.nas) else {
+        return;
+    };
+    let closed = {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        format!("http://127.0.0.1:{}", l.local_addr().unwrap().port())
+    };
+    let whole = Proxy::start(Mode::Whole);
+    let bad = Proxy::start(Mode::BadRange);
+    let good = Proxy::start(Mode::Forward);
+    let cases: Vec<(&str, String, Option<&str>)> = vec![
+        ("whole", whole.url(), Some("not_partial")),
+        ("bad_range", bad.url(), Some("bad_range")),
+        ("down", closed, Some("connect")),
+        ("forward", good.url(), None),
+    ];
+    for (i, (name, proxy, reason)) in cases.into_iter().enumerate() {
+        let rel = format!("loras/{name}.safetensors");
+        let bytes = d.nas_file(&rel, 2 * CHUNK as usize + 7, 10 + i as u64);
+        let source = format!("http_source={}", nginx.url());
+        let proxy = format!("http_proxy={proxy}");
+        let m = d.mount(&["min_size_mb=0", "cache_cooldown_ms=0", &source, &proxy]);
+        prefetch(&m.socket, &[&rel]);
+        m.wait_copies(i as u64 + 1);
+        let st = m.status();
+        match reason {
+            Some(r) => assert_eq!(st["http_source"]["fallbacks"][r], 1, "{name}: {st}"),
+            None => {
+                assert_eq!(st["http_source"]["fallbacks"], json!({}), "{name}: {st}");
+                assert_eq!(
+                    st["http_source"]["bytes"],
+                    bytes.len() as u64,
+                    "{name}: {st}"
+                );
+            }
+        }
+        assert_eq!(fs::read(m.path(&rel)).unwrap(), bytes, "{name}");
+    }
+    let seen = good.seen.lock().unwrap().clone();
+    assert!(!seen.is_empty());
+    for req in &seen {
+        let first = req.lines().next().unwrap();
+        assert!(
+            first.starts_with(&format!(
+                "GET {}/loras/forward.safetensors HTTP/1.1",
+                nginx.url()
+            )),
+            "{req}"
+        );
+        assert!(
+            req.contains("X-Dragonfly-Prefetch: true")
+                || req.contains("x-dragonfly-prefetch: true"),
+            "{req}"
+        );
+    }
+    // After the first answer, each request carries the pinned validator.
+    assert!(
+        seen.iter()
+            .skip(1)
+            .all(|r| r.to_ascii_lowercase().contains("if-match: ")),
+        "{seen:?}"
+    );
+}
