@@ -5,9 +5,10 @@
 //!
 //! Only bytes come this way; lookups, listings, identities and writes stay on the NAS mount,
 //! which remains the source of truth. A range is accepted only as a `206` whose `Content-Range`
-//! is exactly the range asked for and whose total is the NAS file's size, with the validator
-//! (`ETag`, else `Last-Modified`) that the file's first answer had (and `If-Match` sent with
-//! it). Anything else, an error or a timeout, is a fallback: the caller reads the NAS for the
+//! is exactly the range asked for and whose total is the NAS file's size, whose
+//! `Last-Modified` is the NAS file's mtime (a cache's older copy of the file is refused), with
+//! the validator (`ETag`, else `Last-Modified`) that the file's first answer had (and
+//! `If-Match` sent with it). Anything else, an error or a timeout, is a fallback: the caller reads the NAS for the
 //! rest of that file, and the reason is counted. Requests through a proxy use the absolute
 //! form (`GET http://nas/...`), which caching proxies cache; never `CONNECT`.
 
@@ -159,15 +160,15 @@ impl HttpSource {
         }
     }
 
-    /// Bytes `[start, end)` of NAS-relative `rel`, whose NAS size is `size`. `validator` is
-    /// the file's pinned validator: `None` before the first answer, which pins it. An error is
-    /// the reason to fall back.
+    /// Bytes `[start, end)` of NAS-relative `rel`, whose NAS size is `size` and mtime
+    /// `mtime_secs`. `validator` is the file's pinned validator: `None` before the first answer,
+    /// which pins it. An error is the reason to fall back.
     pub fn fetch(
         &self,
         rel: &Path,
         start: u64,
         end: u64,
-        size: u64,
+        (size, mtime_secs): (u64, i64),
         validator: &mut Option<String>,
     ) -> Result<Vec<u8>, &'static str> {
         let path = format!(
@@ -213,18 +214,19 @@ impl HttpSource {
                             .map(str::to_owned)
                     };
                     let range = header("content-range");
-                    let got = header("etag").or_else(|| header("last-modified"));
+                    let modified = header("last-modified");
+                    let got = header("etag").or_else(|| modified.clone());
                     let body = Limited::new(res.into_body(), want as usize + 1)
                         .collect()
                         .await
                         .map(|b| b.to_bytes());
-                    Ok((status, range, got, body))
+                    Ok((status, range, got, modified, body))
                 }
             };
             driver.abort();
             out
         };
-        let (status, range, got, body) = self
+        let (status, range, got, modified, body) = self
             .rt
             .block_on(async { tokio::time::timeout(self.timeout, fut).await })
             .map_err(|_| "timeout")??;
@@ -238,6 +240,20 @@ impl HttpSource {
             Some((a, b, total)) if a == start && b == end - 1 && total == size => {}
             Some((_, _, total)) if total != size => return Err("size_mismatch"),
             _ => return Err("bad_range"),
+        }
+        // The bytes must be of the NAS file's version, not of one a cache kept: its
+        // Last-Modified is the NAS file's mtime (files modified less than
+        // ARENA_CACHE_STABLE_SECS ago are not copied, so a second's resolution tells versions
+        // apart).
+        let served = modified
+            .as_deref()
+            .and_then(crate::update::http::httpdate_parse)
+            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+            .map(|d| d.as_secs() as i64);
+        match served {
+            None => return Err("no_last_modified"),
+            Some(t) if t != mtime_secs => return Err("stale"),
+            Some(_) => {}
         }
         match (validator.as_deref(), got) {
             (Some(pinned), Some(g)) if pinned != g => return Err("validator_changed"),

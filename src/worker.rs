@@ -719,11 +719,18 @@ impl Worker {
         // With an HTTP source: its bytes until it fails once, then the NAS for this file.
         let http = self.http.get().filter(|_| cf.identity().size > 0);
         let size = cf.identity().size;
+        let mtime_secs = cf.identity().mtime_ns.div_euclid(1_000_000_000);
         let validator = std::cell::RefCell::new(None);
         let use_http = std::cell::Cell::new(http.is_some());
         let alt = |start: u64, end: u64| -> Option<Vec<u8>> {
             let h = http.filter(|_| use_http.get())?;
-            match h.fetch(rel, start, end, size, &mut validator.borrow_mut()) {
+            match h.fetch(
+                rel,
+                start,
+                end,
+                (size, mtime_secs),
+                &mut validator.borrow_mut(),
+            ) {
                 Ok(buf) => Some(buf),
                 Err(reason) => {
                     h.fallback(rel, reason);

@@ -134,7 +134,7 @@ pub fn rate_wait(response: &Response<ureq::Body>) -> Option<Duration> {
         if let Ok(secs) = v.parse::<u64>() {
             return Some(Duration::from_secs(secs));
         }
-        if let Ok(when) = httpdate_parse(v) {
+        if let Some(when) = httpdate_parse(v) {
             return Some(
                 when.duration_since(std::time::SystemTime::now())
                     .unwrap_or_default(),
@@ -149,22 +149,22 @@ pub fn rate_wait(response: &Response<ureq::Body>) -> Option<Duration> {
 }
 
 /// Parses an IMF-fixdate (`Sun, 06 Nov 1994 08:49:37 GMT`).
-fn httpdate_parse(s: &str) -> Result<std::time::SystemTime, ()> {
+pub fn httpdate_parse(s: &str) -> Option<std::time::SystemTime> {
     let parts: Vec<&str> = s.split_whitespace().collect();
     let [_, day, month, year, time, "GMT"] = parts[..] else {
-        return Err(());
+        return None;
     };
-    let day: u64 = day.parse().map_err(|_| ())?;
-    let year: i64 = year.parse().map_err(|_| ())?;
+    let day: u64 = day.parse().ok()?;
+    let year: i64 = year.parse().ok()?;
     let months = [
         "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
     ];
-    let month = months.iter().position(|m| *m == month).ok_or(())? as i64 + 1;
+    let month = months.iter().position(|m| *m == month)? as i64 + 1;
     let hms: Vec<u64> = time
         .split(':')
-        .map(|x| x.parse().map_err(|_| ()))
-        .collect::<Result<_, _>>()?;
-    let [h, mi, se] = hms[..] else { return Err(()) };
+        .map(|x| x.parse().ok())
+        .collect::<Option<_>>()?;
+    let [h, mi, se] = hms[..] else { return None };
     // Days from the civil date (Howard Hinnant's algorithm).
     let y = if month <= 2 { year - 1 } else { year };
     let era = y.div_euclid(400);
@@ -175,8 +175,8 @@ fn httpdate_parse(s: &str) -> Result<std::time::SystemTime, ()> {
     let days = era * 146_097 + doe - 719_468;
     let secs = days * 86_400 + (h * 3600 + mi * 60 + se) as i64;
     u64::try_from(secs)
+        .ok()
         .map(|s| std::time::UNIX_EPOCH + Duration::from_secs(s))
-        .map_err(|_| ())
 }
 
 /// `Location` resolved against the URL that answered.
@@ -485,7 +485,7 @@ mod tests {
             t.duration_since(std::time::UNIX_EPOCH).unwrap().as_secs(),
             784_111_777
         );
-        assert!(httpdate_parse("yesterday").is_err());
+        assert!(httpdate_parse("yesterday").is_none());
         assert_eq!(encode("a b/c"), "a%20b%2Fc");
         assert_eq!(encode_path("dir/a b.safetensors"), "dir/a%20b.safetensors");
         assert_eq!(strip_query("https://cdn/x?sig=secret"), "https://cdn/x");

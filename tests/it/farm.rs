@@ -25,6 +25,11 @@ struct Nginx {
 impl Nginx {
     /// Starts nginx, or says why not (skipped unless `CI` is set).
     fn start(root: &Path) -> Option<Nginx> {
+        Self::start_limited(root, "0")
+    }
+
+    /// nginx sending each answer at most `rate` per second (`limit_rate`; "0": no limit).
+    fn start_limited(root: &Path, rate: &str) -> Option<Nginx> {
         let bin = Path::new("/usr/sbin/nginx");
         if !bin.exists() {
             let why = "nginx is missing (scripts/install-deps installs it)";
@@ -49,7 +54,7 @@ impl Nginx {
                client_body_temp_path {d}/body; proxy_temp_path {d}/proxy;\n\
                fastcgi_temp_path {d}/fastcgi; uwsgi_temp_path {d}/uwsgi; scgi_temp_path {d}/scgi;\n\
                default_type application/octet-stream;\n\
-               server {{ listen 127.0.0.1:{port}; root {}; location / {{ }} }}\n\
+               server {{ listen 127.0.0.1:{port}; root {}; location / {{ limit_rate {rate}; }} }}\n\
              }}\n",
             root.display()
         );
@@ -110,6 +115,8 @@ enum Mode {
     Whole,
     /// Answers with a `Content-Range` one byte off.
     BadRange,
+    /// Answers with the `Last-Modified` of an older version (what a cache that kept one does).
+    Stale,
 }
 
 /// A forward proxy on 127.0.0.1 that records request lines and headers.
@@ -188,6 +195,18 @@ fn proxy_one(mut client: TcpStream, mode: Mode, seen: &Mutex<Vec<String>>) {
     .unwrap();
     let mut answer = Vec::new();
     origin.read_to_end(&mut answer).unwrap();
+    if mode == Mode::Stale {
+        let text = String::from_utf8_lossy(&answer[..answer.len().min(4096)]).to_string();
+        if let Some(i) = text.find("Last-Modified: ") {
+            let at = i + "Last-Modified: ".len();
+            let end = text[at..].find("\r\n").unwrap() + at;
+            let old = b"Sun, 06 Nov 1994 08:49:37 GMT";
+            let mut out = answer[..at].to_vec();
+            out.extend_from_slice(&old[..(end - at).min(old.len())]);
+            out.extend_from_slice(&answer[end..]);
+            answer = out;
+        }
+    }
     if mode == Mode::BadRange {
         let text = String::from_utf8_lossy(&answer[..answer.len().min(4096)]).to_string();
         if let Some(i) = text.find("Content-Range: bytes ") {
@@ -275,9 +294,11 @@ fn a_misbehaving_proxy_costs_a_fallback_not_correctness() {
     let whole = Proxy::start(Mode::Whole);
     let bad = Proxy::start(Mode::BadRange);
     let good = Proxy::start(Mode::Forward);
+    let stale = Proxy::start(Mode::Stale);
     let cases: Vec<(&str, String, Option<&str>)> = vec![
         ("whole", whole.url(), Some("not_partial")),
         ("bad_range", bad.url(), Some("bad_range")),
+        ("stale", stale.url(), Some("stale")),
         ("down", closed, Some("connect")),
         ("forward", good.url(), None),
     ];
@@ -327,4 +348,220 @@ fn a_misbehaving_proxy_costs_a_fallback_not_correctness() {
             .all(|r| r.to_ascii_lowercase().contains("if-match: ")),
         "{seen:?}"
     );
+}
+
+/// Squid (Debian's) as a caching tier on 127.0.0.1: whole-object fetches behind ranged misses,
+/// collapsed forwarding. Killed when dropped.
+struct Squid {
+    child: Child,
+    port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl Squid {
+    fn start() -> Option<Squid> {
+        let bin = Path::new("/usr/sbin/squid");
+        if !bin.exists() {
+            let why = "squid is missing (scripts/install-deps installs it)";
+            assert!(std::env::var("CI").as_deref() != Ok("true"), "{why}");
+            eprintln!("skipping: {why}");
+            return None;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        fs::create_dir_all(d.join("cache")).unwrap();
+        fs::create_dir_all(d.join("logs")).unwrap();
+        // Squid drops to its own user: its directories are its own.
+        use std::os::unix::fs::PermissionsExt;
+        fs::set_permissions(d, fs::Permissions::from_mode(0o755)).unwrap();
+        let st = Command::new("chown")
+            .args(["-R", "proxy:proxy"])
+            .arg(d.join("cache"))
+            .arg(d.join("logs"))
+            .status()
+            .unwrap();
+        assert!(st.success());
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let p = d.display();
+        let conf = format!(
+            "http_port 127.0.0.1:{port}\n\
+             acl local src 127.0.0.1/32\n\
+             http_access allow local\n\
+             http_access deny all\n\
+             cache_effective_user proxy\n\
+             pid_filename {p}/logs/squid.pid\n\
+             cache_log {p}/logs/cache.log\n\
+             access_log {p}/logs/access.log\n\
+             coredump_dir {p}/cache\n\
+             cache_dir ufs {p}/cache 2048 16 256\n\
+             cache_mem 64 MB\n\
+             maximum_object_size 2 GB\n\
+             maximum_object_size_in_memory 8 MB\n\
+             range_offset_limit none\n\
+             collapsed_forwarding on\n\
+             quick_abort_min -1 KB\n\
+             refresh_pattern . 0 100% 525600\n\
+             shutdown_lifetime 1 seconds\n"
+        );
+        let conf_path = d.join("squid.conf");
+        fs::write(&conf_path, conf).unwrap();
+        let init = Command::new(bin)
+            .args(["-z", "-N", "-f"])
+            .arg(&conf_path)
+            .output()
+            .unwrap();
+        assert!(
+            init.status.success(),
+            "{}",
+            String::from_utf8_lossy(&init.stderr)
+        );
+        let child = Command::new(bin)
+            .args(["-N", "-f"])
+            .arg(&conf_path)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let s = Squid {
+            child,
+            port,
+            _dir: dir,
+        };
+        wait_for("squid to listen", Duration::from_secs(30), || {
+            TcpStream::connect(("127.0.0.1", port)).is_ok()
+        });
+        Some(s)
+    }
+
+    fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for Squid {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Four nodes (mounts with their own mount points, caches and sockets) prefetch the same
+/// 256 MiB model at once through one Squid in front of nginx (40 MB/s per answer): nginx sends
+/// the file about once, not four times, and all four copies are the NAS's bytes. Then the file
+/// is rewritten on the NAS: each node's next copy has the new bytes, whatever Squid kept.
+/// Prints the time for all four against one node alone (a first file, same size).
+#[test]
+fn four_nodes_fetch_one_model_about_once() {
+    require_mount!();
+    let d = Dirs::new();
+    let size = 256 << 20;
+    let alone = d.nas_file("checkpoints/alone.safetensors", size, 41);
+    let model = d.nas_file("checkpoints/shared.safetensors", size, 42);
+    let Some(nginx) = Nginx::start_limited(&d.nas, "40m") else {
+        return;
+    };
+    let Some(squid) = Squid::start() else {
+        return;
+    };
+    let source = format!("http_source={}", nginx.url());
+    let proxy = format!("http_proxy={}", squid.url());
+    let opts = ["min_size_mb=0", "cache_cooldown_ms=0", &source, &proxy];
+    let nodes: Vec<crate::util::Mounted> = (0..4)
+        .map(|i| {
+            let t = d.tmp.path().join(format!("node{i}"));
+            fs::create_dir_all(t.join("mnt")).unwrap();
+            fs::create_dir_all(t.join("cache")).unwrap();
+            crate::util::Mounted::start(
+                &d.nas,
+                &t.join("mnt"),
+                &t.join("cache"),
+                &t.join("ctl.sock"),
+                &opts,
+            )
+        })
+        .collect();
+    let sent = |path: &str| -> u64 {
+        nginx
+            .log()
+            .iter()
+            .filter(|l| l.3 == path)
+            .map(|l| l.1)
+            .sum()
+    };
+
+    // One node alone.
+    let t = std::time::Instant::now();
+    prefetch(&nodes[0].socket, &["checkpoints/alone.safetensors"]);
+    nodes[0].wait_copies(1);
+    let one = t.elapsed();
+    assert_eq!(
+        fs::read(nodes[0].path("checkpoints/alone.safetensors")).unwrap(),
+        alone
+    );
+
+    // Four at once.
+    let t = std::time::Instant::now();
+    for n in &nodes {
+        prefetch(&n.socket, &["checkpoints/shared.safetensors"]);
+    }
+    for (i, n) in nodes.iter().enumerate() {
+        n.wait_copies(if i == 0 { 2 } else { 1 });
+    }
+    let four = t.elapsed();
+    let origin = sent("/checkpoints/shared.safetensors");
+    println!(
+        "four nodes, one {} MiB model through squid: nginx sent {origin} bytes ({:.2}x the file); all four complete in {:.1} s, one node alone {:.1} s",
+        size >> 20,
+        origin as f64 / size as f64,
+        four.as_secs_f64(),
+        one.as_secs_f64()
+    );
+    assert!(origin >= size as u64, "{origin}");
+    assert!(
+        origin < 2 * size as u64,
+        "nginx sent {origin} bytes for four nodes: the tier did not share"
+    );
+    for n in &nodes {
+        let st = n.status();
+        assert_eq!(st["http_source"]["fallbacks"], json!({}), "{st}");
+        assert_eq!(
+            fs::read(n.path("checkpoints/shared.safetensors")).unwrap(),
+            model
+        );
+    }
+
+    // Rewritten on the NAS (a later second, so the NAS mtime differs): the next copies hold the
+    // new bytes, whether Squid revalidates or serves what it kept (then the Last-Modified check
+    // sends the node to the NAS).
+    let written = fs::metadata(d.nas.join("checkpoints/shared.safetensors"))
+        .unwrap()
+        .modified()
+        .unwrap();
+    wait_for("a later second", Duration::from_secs(5), || {
+        std::time::SystemTime::now()
+            .duration_since(written)
+            .is_ok_and(|e| e >= Duration::from_secs(1))
+    });
+    let new = d.nas_file("checkpoints/shared.safetensors", size, 43);
+    for n in &nodes {
+        prefetch(&n.socket, &["checkpoints/shared.safetensors"]);
+    }
+    for (i, n) in nodes.iter().enumerate() {
+        // Done: no job left, and the index (written in batches) records the copy complete.
+        let want = if i == 0 { 2 } else { 1 };
+        wait_for("the new version's copy", Duration::from_secs(120), || {
+            let st = n.status();
+            st["jobs"].as_array().is_some_and(|j| j.is_empty())
+                && st["cache_complete_entries"] == want
+        });
+        assert_eq!(
+            fs::read(n.path("checkpoints/shared.safetensors")).unwrap(),
+            new
+        );
+    }
 }
