@@ -155,12 +155,14 @@ pub fn run(
             url,
             loaded.settings.http_proxy.as_deref(),
             loaded.settings.http_headers.clone(),
-            cfg.nas_timeout.max(std::time::Duration::from_secs(10)),
+            // A third of the NAS deadline: a reader whose range the source fails to give in
+            // time still has the rest of its deadline for the NAS.
+            (cfg.nas_timeout / 3).max(std::time::Duration::from_secs(1)),
             runtime.handle().clone(),
         )
         .map_err(anyhow::Error::msg)?;
         tracing::info!(url, proxy = ?loaded.settings.http_proxy, "background copies fetch over HTTP");
-        worker.use_http_source(Arc::new(http));
+        cache.use_http_source(Arc::new(http));
     }
     let passthrough = Arc::new(AtomicBool::new(false));
     let nas_io = Arc::new(crate::vfs::nasio::NasIo::new(

@@ -28,6 +28,7 @@ use serde::Serialize;
 pub const DEFAULT_HEADERS: &str = "X-Dragonfly-Prefetch: true";
 
 /// The HTTP source.
+#[derive(Debug)]
 pub struct HttpSource {
     /// `host:port` of the server.
     authority: String,

@@ -241,7 +241,6 @@ pub struct Worker {
     stopped: AtomicBool,
     rt: tokio::runtime::Handle,
     health: std::sync::OnceLock<Arc<crate::health::Health>>,
-    http: std::sync::OnceLock<Arc<crate::httpsrc::HttpSource>>,
 }
 
 impl std::fmt::Debug for Worker {
@@ -275,22 +274,10 @@ impl Worker {
             stopped: AtomicBool::new(false),
             rt: rt.clone(),
             health: std::sync::OnceLock::new(),
-            http: std::sync::OnceLock::new(),
         });
         let w = worker.clone();
         rt.spawn(async move { w.dispatch().await });
         worker
-    }
-
-    /// Takes the bytes of background copies from `http` (a shared HTTP cache tier), falling back
-    /// to the NAS per file.
-    pub fn use_http_source(&self, http: Arc<crate::httpsrc::HttpSource>) {
-        let _ = self.http.set(http);
-    }
-
-    /// The HTTP source, when one is configured.
-    pub fn http_source(&self) -> Option<&Arc<crate::httpsrc::HttpSource>> {
-        self.http.get()
     }
 
     /// Starts no copy while `health` says the NAS is offline.
@@ -716,29 +703,6 @@ impl Worker {
         rel: &Path,
         progress: Option<&Progress>,
     ) -> Result<(), JobError> {
-        // With an HTTP source: its bytes until it fails once, then the NAS for this file.
-        let http = self.http.get().filter(|_| cf.identity().size > 0);
-        let size = cf.identity().size;
-        let mtime_secs = cf.identity().mtime_ns.div_euclid(1_000_000_000);
-        let validator = std::cell::RefCell::new(None);
-        let use_http = std::cell::Cell::new(http.is_some());
-        let alt = |start: u64, end: u64| -> Option<Vec<u8>> {
-            let h = http.filter(|_| use_http.get())?;
-            match h.fetch(
-                rel,
-                start,
-                end,
-                (size, mtime_secs),
-                &mut validator.borrow_mut(),
-            ) {
-                Ok(buf) => Some(buf),
-                Err(reason) => {
-                    h.fallback(rel, reason);
-                    use_http.set(false);
-                    None
-                }
-            }
-        };
         let mut next = 0;
         while let Some(idx) = cf.next_missing(next) {
             if self.stopped.load(Ordering::Acquire) {
@@ -761,7 +725,7 @@ impl Worker {
                 ));
             }
             self.throttle(len, settings.bwlimit);
-            match cf.ensure_chunk_from(idx, file, Some(&alt)) {
+            match cf.ensure_chunk(idx, file) {
                 Ok(Chunk::Fetched(n)) => {
                     Stats::add(&self.stats.bytes_fetched, n);
                     self.stats

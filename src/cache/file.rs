@@ -133,6 +133,16 @@ pub struct CacheFile {
     /// the file counts as loaded for real.
     pub read_bytes: AtomicU64,
     nas_bytes: AtomicU64,
+    /// The HTTP source and this file's use of it.
+    http: std::sync::OnceLock<(Arc<crate::httpsrc::HttpSource>, Mutex<HttpUse>)>,
+}
+
+/// A file's use of the HTTP source: the validator its first answer had, and whether it fell
+/// back to the NAS (then it reads the NAS for as long as this copy is live).
+#[derive(Default)]
+struct HttpUse {
+    validator: Option<String>,
+    failed: bool,
 }
 
 impl std::fmt::Debug for CacheFile {
@@ -248,6 +258,49 @@ impl CacheFile {
             queued: AtomicBool::new(false),
             read_bytes: AtomicU64::new(0),
             nas_bytes: AtomicU64::new(0),
+            http: std::sync::OnceLock::new(),
+        }
+    }
+
+    /// Takes chunk bytes from `http` before the NAS.
+    pub fn use_http(&self, http: Arc<crate::httpsrc::HttpSource>) {
+        let _ = self.http.set((http, Mutex::new(HttpUse::default())));
+    }
+
+    /// Bytes `[start, end)` from the HTTP source, or `None` (none configured, this file fell
+    /// back, or it falls back now). No lock is held while the request runs.
+    fn fetch_http(&self, start: u64, end: u64) -> Option<Vec<u8>> {
+        let (src, state) = self.http.get()?;
+        let mut validator = {
+            let st = state.lock();
+            if st.failed {
+                return None;
+            }
+            st.validator.clone()
+        };
+        let mtime_secs = self.identity.mtime_ns.div_euclid(1_000_000_000);
+        match src.fetch(
+            &self.rel,
+            start,
+            end,
+            (self.identity.size, mtime_secs),
+            &mut validator,
+        ) {
+            Ok(buf) => {
+                let mut st = state.lock();
+                if st.validator.is_none() {
+                    st.validator = validator;
+                }
+                Some(buf)
+            }
+            Err(reason) => {
+                let mut st = state.lock();
+                if !st.failed {
+                    st.failed = true;
+                    src.fallback(&self.rel, reason);
+                }
+                None
+            }
         }
     }
 
@@ -387,25 +440,11 @@ impl CacheFile {
     /// Makes chunk `idx` present, fetching it from `nas` unless it is present or another caller is
     /// already fetching it (then waits for that fetch).
     pub fn ensure_chunk(&self, idx: u64, nas: &File) -> Result<Chunk, FetchError> {
-        self.ensure_chunk_from(idx, nas, None)
-    }
-
-    /// [`CacheFile::ensure_chunk`], taking the chunk's bytes from `alt(start, end)` when it
-    /// gives them (an HTTP source); the NAS file's identity is checked all the same.
-    pub fn ensure_chunk_from(
-        &self,
-        idx: u64,
-        nas: &File,
-        alt: Option<&dyn Fn(u64, u64) -> Option<Vec<u8>>>,
-    ) -> Result<Chunk, FetchError> {
         let (start, end) = self.state.lock().map.chunk_range(idx);
         if !self.claim(idx, start, end, Some(nas), &mut Vec::new(), &mut 0)? {
             return Ok(Chunk::Present);
         }
-        let result = match alt.and_then(|f| f(start, end)) {
-            Some(buf) if buf.len() as u64 == end - start => self.keep(start, end, buf, nas),
-            _ => self.fetch(start, end, nas),
-        };
+        let result = self.fetch(start, end, nas);
         let mut st = self.state.lock();
         let out = match result {
             Ok((buf, true)) => {
@@ -426,9 +465,13 @@ impl CacheFile {
         out
     }
 
-    /// Reads `[start, end)` from the NAS, checks the identity, writes it to the SSD.
-    /// Returns the bytes and whether they were written to the SSD.
+    /// Reads `[start, end)` from the HTTP source if there is one (else, or when it fails, from
+    /// the NAS), checks the NAS identity, writes it to the SSD. Returns the bytes and whether
+    /// they were written to the SSD.
     fn fetch(&self, start: u64, end: u64, nas: &File) -> Result<(Vec<u8>, bool), FetchError> {
+        if let Some(buf) = self.fetch_http(start, end) {
+            return self.keep(start, end, buf, nas);
+        }
         let mut buf = vec![0u8; (end - start) as usize];
         let n = pread_full(nas, &mut buf, start).map_err(FetchError::Nas)?;
         self.nas_bytes.fetch_add(n as u64, Ordering::Relaxed);

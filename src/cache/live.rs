@@ -55,6 +55,8 @@ pub struct Cache {
     /// Paths whose copy is being found, created or dropped (see [`Cache::lock_path`]).
     busy_paths: Mutex<HashSet<PathBuf>>,
     path_freed: Condvar,
+    /// Where chunk bytes come from before the NAS (`ARENA_HTTP_SOURCE`).
+    http: std::sync::OnceLock<Arc<crate::httpsrc::HttpSource>>,
 }
 
 /// Exclusive use of one NAS path's copy; released on drop.
@@ -80,6 +82,17 @@ pub fn now_secs() -> u64 {
 
 impl Cache {
     /// Wraps an opened store and starts the background flusher.
+    /// Fetches chunks (of copies and of reads that miss) from `http` first, falling back to the
+    /// NAS per file.
+    pub fn use_http_source(&self, http: Arc<crate::httpsrc::HttpSource>) {
+        let _ = self.http.set(http);
+    }
+
+    /// The HTTP source, when one is configured.
+    pub fn http_source(&self) -> Option<&Arc<crate::httpsrc::HttpSource>> {
+        self.http.get()
+    }
+
     pub fn new(
         store: Store,
         rule: IdentityRule,
@@ -101,6 +114,7 @@ impl Cache {
             space: Mutex::new(()),
             busy_paths: Mutex::new(HashSet::new()),
             path_freed: Condvar::new(),
+            http: std::sync::OnceLock::new(),
         });
         let weak = Arc::downgrade(&cache);
         let handle = std::thread::Builder::new()
@@ -176,6 +190,9 @@ impl Cache {
                     data,
                     ChunkMap::new(identity.size, self.chunk_size),
                 ));
+                if let Some(h) = self.http.get() {
+                    cf.use_http(h.clone());
+                }
                 self.live
                     .lock()
                     .insert(rel.to_path_buf(), Arc::downgrade(&cf));
@@ -244,6 +261,9 @@ impl Cache {
                     data,
                     rec.map,
                 ));
+                if let Some(h) = self.http.get() {
+                    cf.use_http(h.clone());
+                }
                 self.live
                     .lock()
                     .insert(rel.to_path_buf(), Arc::downgrade(&cf));

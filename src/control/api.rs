@@ -524,7 +524,7 @@ pub(super) async fn status(State(s): State<Shared>) -> Result<Json<Status>, ApiE
         jobs: s.worker.jobs(),
         queue_length: s.worker.queue_len(),
         stats,
-        http_source: s.worker.http_source().map(|h| h.status()),
+        http_source: s.cache.http_source().map(|h| h.status()),
         update: Some(s.update.status()).filter(|u| u.manifest.is_some()),
     }))
 }

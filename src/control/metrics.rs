@@ -338,12 +338,12 @@ pub fn render(s: &Shared, nas_up: bool) -> String {
             ("nas", lat.nas.snapshot()),
         ],
     );
-    if let Some(h) = s.worker.http_source() {
+    if let Some(h) = s.cache.http_source() {
         let h = h.status();
         t.one(
             "arenafs_http_source_bytes_total",
             "counter",
-            "Bytes background copies fetched over the HTTP source (the rest of arenafs_fetched_bytes_total came from the NAS directly).",
+            "Bytes fetched over the HTTP source into the cache (the rest of arenafs_fetched_bytes_total came from the NAS directly).",
             h.bytes,
         );
         t.head(

@@ -274,6 +274,25 @@ fn copies_come_over_http_and_match_the_nas() {
         metrics.contains(&format!("arenafs_http_source_bytes_total {total}")),
         "{metrics}"
     );
+
+    // A reader's misses come over HTTP too: a file read through the mount, never prefetched.
+    let c = d.nas_file("loras/c.safetensors", 2 * CHUNK as usize + 5, 3);
+    assert_eq!(fs::read(m.path("loras/c.safetensors")).unwrap(), c);
+    m.wait_copies(3);
+    let st = m.status();
+    let all = total + c.len() as u64;
+    assert_eq!(st["http_source"]["bytes"], all, "{st}");
+    assert_eq!(
+        st["stats"]["bytes_fetched"], all,
+        "nothing from the NAS directly: {st}"
+    );
+    let sent: u64 = nginx
+        .log()
+        .iter()
+        .filter(|l| l.3 == "/loras/c.safetensors")
+        .map(|l| l.1)
+        .sum();
+    assert_eq!(sent, c.len() as u64);
 }
 
 /// A proxy that answers a range with the whole file, one whose `Content-Range` is off, one that
