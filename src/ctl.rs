@@ -237,6 +237,31 @@ pub fn format_status(st: &Value) -> String {
             set_line(&mut o, &format!("  client {id}"), ap);
         }
     }
+    if st["http_source"].is_object() {
+        let h = &st["http_source"];
+        let http = u(&h["bytes"]);
+        let direct = u(&st["stats"]["bytes_fetched"]).saturating_sub(http);
+        let via = h["proxy"]
+            .as_str()
+            .map(|p| format!(" via {p}"))
+            .unwrap_or_default();
+        let fallbacks: Vec<String> = h["fallbacks"]
+            .as_object()
+            .map(|f| f.iter().map(|(k, v)| format!("{k} {v}")).collect())
+            .unwrap_or_default();
+        let _ = writeln!(
+            o,
+            "http source  {}{via}: {} over HTTP, {} from the NAS directly; fallbacks: {}",
+            s(&h["url"]),
+            human_bytes(http),
+            human_bytes(direct),
+            if fallbacks.is_empty() {
+                "none".into()
+            } else {
+                fallbacks.join(", ")
+            }
+        );
+    }
     if st["update"].is_object() {
         let _ = writeln!(o, "updates      {}", update_summary(&st["update"]));
         update_models(&mut o, &st["update"]);

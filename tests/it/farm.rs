@@ -117,6 +117,9 @@ enum Mode {
     BadRange,
     /// Answers with the `Last-Modified` of an older version (what a cache that kept one does).
     Stale,
+    /// Forwards the first request, then stops: later connections are closed unanswered (a
+    /// proxy that goes away in the middle of a copy).
+    Stops,
 }
 
 /// A forward proxy on 127.0.0.1 that records request lines and headers.
@@ -160,7 +163,15 @@ fn proxy_one(mut client: TcpStream, mode: Mode, seen: &Mutex<Vec<String>>) {
         }
         head.push(line);
     }
-    seen.lock().unwrap().push(head.join("\n"));
+    let nth = {
+        let mut seen = seen.lock().unwrap();
+        seen.push(head.join("\n"));
+        seen.len()
+    };
+    if mode == Mode::Stops && nth > 1 {
+        let _ = client.shutdown(std::net::Shutdown::Both);
+        return;
+    }
     // `GET http://host:port/path HTTP/1.1` (absolute form).
     let Some(target) = head[0].split_whitespace().nth(1) else {
         return;
@@ -286,6 +297,20 @@ fn copies_come_over_http_and_match_the_nas() {
         st["stats"]["bytes_fetched"], all,
         "nothing from the NAS directly: {st}"
     );
+    let human = Command::new(crate::util::daemon_bin())
+        .args(["status", "--socket"])
+        .arg(&m.socket)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&human.stdout);
+    assert!(
+        text.contains(&format!(
+            "http source  {}: {} over HTTP, 0 B from the NAS directly; fallbacks: none",
+            nginx.url(),
+            arenafs::ctl::human_bytes(all)
+        )),
+        "{text}"
+    );
     let sent: u64 = nginx
         .log()
         .iter()
@@ -296,6 +321,7 @@ fn copies_come_over_http_and_match_the_nas() {
 }
 
 /// A proxy that answers a range with the whole file, one whose `Content-Range` is off, one that
+/// gives an older version's `Last-Modified`, one that stops in the middle of a copy, one that
 /// is not there: each copy falls back to the NAS, is right, and the fallback is counted with
 /// its reason. A plain forward proxy gets absolute-form requests (never `CONNECT`) with the
 /// Dragonfly prefetch header, and no fallback.
@@ -314,10 +340,12 @@ fn a_misbehaving_proxy_costs_a_fallback_not_correctness() {
     let bad = Proxy::start(Mode::BadRange);
     let good = Proxy::start(Mode::Forward);
     let stale = Proxy::start(Mode::Stale);
+    let stops = Proxy::start(Mode::Stops);
     let cases: Vec<(&str, String, Option<&str>)> = vec![
         ("whole", whole.url(), Some("not_partial")),
         ("bad_range", bad.url(), Some("bad_range")),
         ("stale", stale.url(), Some("stale")),
+        ("stops", stops.url(), Some("transport")),
         ("down", closed, Some("connect")),
         ("forward", good.url(), None),
     ];
@@ -581,6 +609,45 @@ fn four_nodes_fetch_one_model_about_once() {
         assert_eq!(
             fs::read(n.path("checkpoints/shared.safetensors")).unwrap(),
             new
+        );
+    }
+
+    // Rewritten *while* the four copy it: no node serves a mix, and each ends with the new
+    // bytes (its copy falls back or starts over; the identity rule drops what was fetched).
+    let moving = "checkpoints/moving.safetensors";
+    d.nas_file(moving, size, 44);
+    for n in &nodes {
+        prefetch(&n.socket, &[moving]);
+    }
+    wait_for("all four copying", Duration::from_secs(60), || {
+        nodes.iter().all(|n| {
+            n.status()["jobs"].as_array().is_some_and(|jobs| {
+                jobs.iter()
+                    .any(|j| j["path"] == moving && j["done_bytes"].as_u64().unwrap_or(0) > 0)
+            })
+        })
+    });
+    let rewritten = d.nas_file(moving, size, 45);
+    for n in &nodes {
+        wait_for("the copy to end", Duration::from_secs(120), || {
+            n.status()["jobs"].as_array().is_some_and(|j| j.is_empty())
+        });
+        prefetch(&n.socket, &[moving]);
+    }
+    for (i, n) in nodes.iter().enumerate() {
+        let want = if i == 0 { 3 } else { 2 };
+        wait_for(
+            "the rewritten file's copy",
+            Duration::from_secs(120),
+            || {
+                let st = n.status();
+                st["jobs"].as_array().is_some_and(|j| j.is_empty())
+                    && st["cache_complete_entries"] == want
+            },
+        );
+        assert!(
+            fs::read(n.path(moving)).unwrap() == rewritten,
+            "node {i} served a mix"
         );
     }
 }
