@@ -47,6 +47,21 @@ impl Text {
         self.sample(name, &[], value);
     }
 
+    /// A metric with one sample per value of `label`.
+    fn labelled<V: std::fmt::Display>(
+        &mut self,
+        name: &str,
+        kind: &str,
+        help: &str,
+        label: &str,
+        samples: impl IntoIterator<Item = (String, V)>,
+    ) {
+        self.head(name, kind, help);
+        for (value, n) in samples {
+            self.sample(name, &[(label, &value)], n);
+        }
+    }
+
     fn histogram(&mut self, name: &str, label: &str, series: &[(&str, HistogramSnapshot)]) {
         for (value, h) in series {
             for (bound, count) in &h.buckets {
@@ -346,29 +361,26 @@ pub fn render(s: &Shared, nas_up: bool) -> String {
             "Bytes fetched over the HTTP source into the cache (the rest of arenafs_fetched_bytes_total came from the NAS directly).",
             h.bytes,
         );
-        t.head(
+        t.labelled(
             "arenafs_http_fallbacks_total",
             "counter",
             "Files whose copy fell back from the HTTP source to the NAS, by reason.",
+            "reason",
+            h.fallbacks.iter().map(|(r, n)| (r.to_string(), *n)),
         );
-        for (reason, n) in &h.fallbacks {
-            t.sample("arenafs_http_fallbacks_total", &[("reason", reason)], n);
-        }
     }
     let up = s.update.status();
     if up.manifest.is_some() {
-        t.head(
+        t.labelled(
             "arenafs_update_available",
             "gauge",
             "Whether the last check of a tracked model found a version other than the installed one.",
+            "id",
+            s.update
+                .available_by_model()
+                .into_iter()
+                .map(|(id, a)| (id, u8::from(a))),
         );
-        for (id, available) in s.update.available_by_model() {
-            t.sample(
-                "arenafs_update_available",
-                &[("id", &id)],
-                u8::from(available),
-            );
-        }
         t.one(
             "arenafs_update_last_check_timestamp_seconds",
             "gauge",
@@ -381,14 +393,13 @@ pub fn render(s: &Shared, nas_up: bool) -> String {
             "Bytes the updater downloaded.",
             up.downloaded_bytes,
         );
-        t.head(
+        t.labelled(
             "arenafs_update_failures_total",
             "counter",
             "Updater failures, by reason.",
+            "reason",
+            up.failures.iter().map(|(r, n)| (r.to_string(), *n)),
         );
-        for (reason, n) in &up.failures {
-            t.sample("arenafs_update_failures_total", &[("reason", reason)], n);
-        }
         t.one(
             "arenafs_update_running",
             "gauge",

@@ -15,6 +15,19 @@ use serde_json::json;
 
 use crate::util::{CHUNK, Dirs, require_mount, wait_for};
 
+/// The Debian program at `path`, or `None` when it is missing: the test skips, except under
+/// `CI=true`, where a missing tool is a failure (scripts/install-deps installs it).
+fn debian_tool(path: &'static str) -> Option<&'static Path> {
+    let bin = Path::new(path);
+    if !bin.exists() {
+        let why = format!("{path} is missing (scripts/install-deps installs it)");
+        assert!(std::env::var("CI").as_deref() != Ok("true"), "{why}");
+        eprintln!("skipping: {why}");
+        return None;
+    }
+    Some(bin)
+}
+
 /// nginx serving `root` on 127.0.0.1, killed when dropped.
 struct Nginx {
     child: Child,
@@ -30,13 +43,7 @@ impl Nginx {
 
     /// nginx sending each answer at most `rate` per second (`limit_rate`; "0": no limit).
     fn start_limited(root: &Path, rate: &str) -> Option<Nginx> {
-        let bin = Path::new("/usr/sbin/nginx");
-        if !bin.exists() {
-            let why = "nginx is missing (scripts/install-deps installs it)";
-            assert!(std::env::var("CI").as_deref() != Ok("true"), "{why}");
-            eprintln!("skipping: {why}");
-            return None;
-        }
+        let bin = debian_tool("/usr/sbin/nginx")?;
         let dir = tempfile::tempdir().unwrap();
         let port = TcpListener::bind("127.0.0.1:0")
             .unwrap()
@@ -407,13 +414,7 @@ struct Squid {
 
 impl Squid {
     fn start() -> Option<Squid> {
-        let bin = Path::new("/usr/sbin/squid");
-        if !bin.exists() {
-            let why = "squid is missing (scripts/install-deps installs it)";
-            assert!(std::env::var("CI").as_deref() != Ok("true"), "{why}");
-            eprintln!("skipping: {why}");
-            return None;
-        }
+        let bin = debian_tool("/usr/sbin/squid")?;
         let dir = tempfile::tempdir().unwrap();
         let d = dir.path();
         fs::create_dir_all(d.join("cache")).unwrap();
