@@ -111,16 +111,7 @@ impl ModelStore {
 
     /// The state (empty when none was written).
     pub fn state(&self) -> io::Result<State> {
-        match fs::read(self.dir.join("state.json")) {
-            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| {
-                io::Error::new(
-                    io::ErrorKind::InvalidData,
-                    format!("{}: {e}", self.dir.join("state.json").display()),
-                )
-            }),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(State::default()),
-            Err(e) => Err(e),
-        }
+        read_state(&self.dir)
     }
 
     /// Replaces the state (atomically, durably).
@@ -265,9 +256,19 @@ fn current_version(target: &Path, installed: Option<&Version>) -> Option<Version
 
 /// The state of model `id` without taking its lock (for status).
 pub fn peek(nas: &Path, id: &str) -> io::Result<State> {
-    match fs::read(versions_dir(nas).join(id).join("state.json")) {
-        Ok(bytes) => serde_json::from_slice(&bytes)
-            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string())),
+    read_state(&versions_dir(nas).join(id))
+}
+
+/// The state in a model's folder `dir` (empty when none was written).
+fn read_state(dir: &Path) -> io::Result<State> {
+    let path = dir.join("state.json");
+    match fs::read(&path) {
+        Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| {
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("{}: {e}", path.display()),
+            )
+        }),
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(State::default()),
         Err(e) => Err(e),
     }
