@@ -102,12 +102,10 @@ pub fn parse_headers(text: &str) -> Result<Vec<(String, String)>, String> {
         .collect()
 }
 
-/// `Content-Range: bytes START-END/TOTAL`.
+/// `Content-Range: bytes START-END/TOTAL`, with a known total.
 fn content_range(v: &str) -> Option<(u64, u64, u64)> {
-    let rest = v.trim().strip_prefix("bytes ")?;
-    let (range, total) = rest.split_once('/')?;
-    let (a, b) = range.split_once('-')?;
-    Some((a.parse().ok()?, b.parse().ok()?, total.parse().ok()?))
+    let (a, b, total) = crate::update::http::content_range(v)?;
+    Some((a, b, total?))
 }
 
 impl HttpSource {

@@ -190,18 +190,9 @@ fn validator_of(r: &ureq::http::Response<ureq::Body>) -> Option<String> {
     h("etag").or_else(|| h("last-modified"))
 }
 
-/// `Content-Range: bytes START-END/TOTAL`.
+/// The answer's `Content-Range`.
 fn content_range(r: &ureq::http::Response<ureq::Body>) -> Option<(u64, u64, Option<u64>)> {
-    let v = r.headers().get("content-range")?.to_str().ok()?;
-    let rest = v.trim().strip_prefix("bytes ")?;
-    let (range, total) = rest.split_once('/')?;
-    let (a, b) = range.split_once('-')?;
-    let total = if total == "*" {
-        None
-    } else {
-        Some(total.parse().ok()?)
-    };
-    Some((a.parse().ok()?, b.parse().ok()?, total))
+    super::http::content_range(r.headers().get("content-range")?.to_str().ok()?)
 }
 
 /// Hashes the first `len` bytes of `f`.

@@ -393,6 +393,19 @@ impl Http {
     }
 }
 
+/// `Content-Range: bytes START-END/TOTAL` (`TOTAL` may be `*`: unknown).
+pub fn content_range(v: &str) -> Option<(u64, u64, Option<u64>)> {
+    let rest = v.trim().strip_prefix("bytes ")?;
+    let (range, total) = rest.split_once('/')?;
+    let (a, b) = range.split_once('-')?;
+    let total = if total == "*" {
+        None
+    } else {
+        Some(total.parse().ok()?)
+    };
+    Some((a.parse().ok()?, b.parse().ok()?, total))
+}
+
 /// A URL without its query (signed URLs carry credentials there): for logs.
 pub fn strip_query(url: &str) -> &str {
     url.split(['?', '#']).next().unwrap_or(url)
