@@ -289,7 +289,7 @@ pub fn download(
             }
         }
         // Each attempt starts from the first URL: signed CDN URLs expire.
-        let mut answer = match http.request(false, &remote.url, &headers, true) {
+        let mut answer = match http.request(&remote.url, &headers) {
             Ok(a) => a,
             Err(e)
                 if e.status()

@@ -99,7 +99,7 @@ impl HttpError {
 
 /// An answer and the URL that gave it (after redirects).
 pub struct Answer {
-    /// The response; its status is 2xx, or 3xx when redirects were not followed.
+    /// The response; its status is 2xx.
     pub response: Response<ureq::Body>,
     /// The URL of the last hop.
     pub url: String,
@@ -247,7 +247,6 @@ impl Http {
 
     fn once(
         &self,
-        head: bool,
         url: &str,
         headers: &[(&str, String)],
     ) -> Result<Response<ureq::Body>, HttpError> {
@@ -260,11 +259,7 @@ impl Http {
             url: url.to_string(),
             message: e.to_string(),
         };
-        let mut req = if head {
-            self.agent.head(url)
-        } else {
-            self.agent.get(url)
-        };
+        let mut req = self.agent.get(url);
         for (k, v) in headers {
             req = req.header(*k, v);
         }
@@ -278,7 +273,6 @@ impl Http {
     /// transport errors retried with backoff and jitter; other answers returned as they are.
     fn hop(
         &self,
-        head: bool,
         url: &str,
         headers: &[(&str, String)],
     ) -> Result<Response<ureq::Body>, HttpError> {
@@ -287,7 +281,7 @@ impl Http {
             attempt += 1;
             let backoff = self.backoff * 2u32.pow(attempt - 1)
                 + jitter(self.backoff.as_millis() as u64 / 4 + 1);
-            match self.once(head, url, headers) {
+            match self.once(url, headers) {
                 Ok(mut r) => {
                     let status = r.status().as_u16();
                     let limited = status == 429 || status == 503;
@@ -331,22 +325,14 @@ impl Http {
         }
     }
 
-    /// GET (or HEAD) `url`, redirects followed when `follow`; an error status is an error.
-    pub fn request(
-        &self,
-        head: bool,
-        url: &str,
-        headers: &[(&str, String)],
-        follow: bool,
-    ) -> Result<Answer, HttpError> {
+    /// GET `url`, redirects followed (each hop with its own host's token, if any); an error
+    /// status is an error.
+    pub fn request(&self, url: &str, headers: &[(&str, String)]) -> Result<Answer, HttpError> {
         let mut url = url.to_string();
         for _ in 0..=MAX_REDIRECTS {
-            let mut response = self.hop(head, &url, headers)?;
+            let mut response = self.hop(&url, headers)?;
             let status = response.status().as_u16();
             if (300..400).contains(&status) && status != 304 {
-                if !follow {
-                    return Ok(Answer { response, url });
-                }
                 let location = response
                     .headers()
                     .get("location")
@@ -374,8 +360,7 @@ impl Http {
 
     /// GET `url` and parse its JSON body (at most 64 MiB).
     pub fn json<T: serde::de::DeserializeOwned>(&self, url: &str) -> Result<T, HttpError> {
-        let mut answer =
-            self.request(false, url, &[("Accept", "application/json".into())], true)?;
+        let mut answer = self.request(url, &[("Accept", "application/json".into())])?;
         let bytes = answer
             .response
             .body_mut()
